@@ -1,0 +1,1 @@
+"""Benchmark jobs: accuracy, FLOPs and throughput over the method registry."""

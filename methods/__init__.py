@@ -1,0 +1,16 @@
+"""Token-reduction methods as patches over stock timm ViTs, behind one registry.
+
+    import methods
+    methods.available()                       # ['none', 'idle', 'evit', ...]
+    methods.apply(model, "evit", keep_ratio=0.7, fuse=False)
+    model.token_reduction.schedule()           # tokens per block, before any forward
+
+A new method is one module defining a `@register`ed `Method` subclass plus one import line below.
+"""
+from .base import (  # noqa: F401
+    AUX_KINDS, BlockTokens, Geometry, Method, MethodError, Option, Schedule,
+    apply, available, build, canonical_name, get_method, register,
+)
+
+# Registration: one line per method module (import order = order in tables and --help).
+from . import none  # noqa: E402,F401

@@ -1,0 +1,412 @@
+"""The method interface: geometry of a timm ViT, options, count rules, schedules, and `apply`.
+
+A method is a `Method` subclass that
+- declares its name, aliases, options, default reduction layers and count rule,
+- computes the tokens every block will process (`schedule`) before anything runs,
+- patches a live, stock timm `VisionTransformer` in place (`patch`), ToMe `patch.timm` style:
+  blocks get their `__class__` swapped to a subclass whose `forward` does the method, and
+- adds its own overhead to the analytic multiply-accumulate count (`block_macs`).
+
+Everything here is model-agnostic: no 196, no 224, no model-name parsing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+# Per-forward auxiliary outputs kept on the model (`model.token_reduction.aux`), keyed by kind then block:
+#   "kept"        (B, n) long    token positions (in that block's input) that were kept / selected
+#   "idle_mask"   (B, N) float   IdleViT: 1 = selected in this layer, 0 = idle (prefix always 1)
+#   "attn_logits" (B, H, N, N)   IdleViT training: raw, unmasked attention logits for the token-cut loss
+#   "decision"    (B, N0) float  DynamicViT: per-stage keep decision over the original patches
+#   "source"      (B, n, N0)     ToMe: which original patches each token holds (trace_source)
+#   "fused"       (B, N_rest)    EViT: positions fused into the extra token
+# Kept only while `trace` is on or the model is training, so benchmarks pay nothing for them.
+AUX_KINDS = ("kept", "idle_mask", "attn_logits", "decision", "source", "fused", "positions")
+
+
+class MethodError(ValueError):
+    """Bad user input to a method (unknown name or option, bad ratio, incompatible model)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the methods need to know about a timm ViT, read off the live model."""
+
+    num_patches: int  # N0: image tokens at the input (grid_h * grid_w)
+    num_prefix: int  # CLS + distillation + register tokens, always first in the sequence
+    has_cls: bool  # the CLS token is at position 0
+    depth: int
+    dim: int
+    num_heads: int
+    attn_dim: int  # num_heads * head_dim (== dim for every DeiT/ViT)
+    mlp_hidden: int
+    patch_area_chans: int  # in_chans * patch_h * patch_w, for the stem's MACs
+    num_classes: int
+    num_heads_out: int  # classifier heads (2 for distilled DeiT)
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_dim // self.num_heads
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Geometry":
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            raise MethodError(
+                f"token reduction patches timm VisionTransformer models; got {type(model).__name__}"
+            )
+        block = model.blocks[0]
+        attn = block.attn
+        proj = model.patch_embed.proj
+        grid = model.patch_embed.grid_size
+        heads = 1 + int(getattr(model, "head_dist", None) is not None)
+        return cls(
+            num_patches=int(grid[0] * grid[1]),
+            num_prefix=int(model.num_prefix_tokens),
+            has_cls=model.cls_token is not None,
+            depth=len(model.blocks),
+            dim=int(model.embed_dim),
+            num_heads=int(attn.num_heads),
+            attn_dim=int(attn.num_heads * attn.head_dim),
+            mlp_hidden=int(block.mlp.fc1.out_features),
+            patch_area_chans=int(proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]),
+            num_classes=int(getattr(model, "num_classes", 0)),
+            num_heads_out=heads,
+        )
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option: its default, type and meaning. Values from the CLI arrive as strings."""
+
+    default: Any
+    type: type
+    help: str
+    choices: tuple | None = None
+
+    def coerce(self, name: str, value: Any) -> Any:
+        try:
+            value = _coerce(self.type, value)
+        except (TypeError, ValueError):
+            raise MethodError(
+                f"option {name}={value!r} is not a {self.type.__name__}" + self._choices_hint()
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise MethodError(f"option {name}={value!r} is not valid" + self._choices_hint())
+        return value
+
+    def _choices_hint(self) -> str:
+        return f"; valid: {', '.join(map(str, self.choices))}" if self.choices else ""
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        number = kind(value)
+        if kind is int and isinstance(value, float) and value != number:
+            raise ValueError(value)
+        return number
+    if kind is tuple:  # a list of ints, e.g. per-layer ToMe r: "8,8,4" or (8, 8, 4)
+        if isinstance(value, str):
+            value = [v for v in value.replace(";", ",").split(",") if v.strip()]
+        return tuple(int(v) for v in value)
+    return kind(value)
+
+
+@dataclass(frozen=True)
+class BlockTokens:
+    """Token counts one block processes; all counts include the prefix tokens."""
+
+    n_in: int  # tokens in the stream entering the block
+    n_attn: int  # tokens taking part in attention (queries and keys)
+    n_mlp: int  # tokens going through the MLP
+    n_out: int  # tokens leaving the block
+    action: str = ""  # "", "idle", "prune", "fuse", "merge": what the block does to the rest
+
+
+@dataclass(frozen=True)
+class Schedule:
+    blocks: tuple[BlockTokens, ...]
+
+    @property
+    def tokens_out(self) -> tuple[int, ...]:
+        return tuple(b.n_out for b in self.blocks)
+
+    @property
+    def tokens_attn(self) -> tuple[int, ...]:
+        return tuple(b.n_attn for b in self.blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Count rules (methods.md §10.1). Counts are of *image* tokens; prefix tokens are added by callers.
+
+def abs_floor(num_patches: int, ratio: float) -> int:
+    """IdleViT / DynamicViT: K = int(N0 * ratio), absolute w.r.t. the input patch count, floored."""
+    return int(num_patches * ratio)
+
+
+def rel_ceil(current_image_tokens: int, keep_ratio: float) -> int:
+    """EViT / Top-K: ceil(keep_ratio * current image tokens), compounding stage over stage."""
+    return math.ceil(keep_ratio * current_image_tokens)
+
+
+def stagewise_ratios(keep_ratio: float, layers: Sequence[int], layers_per_stage: int) -> list[float]:
+    """IdleViT / DynamicViT: r, r, r, r^2, r^2, ... : stage s = position // layers_per_stage."""
+    return [keep_ratio ** (i // layers_per_stage + 1) for i in range(len(layers))]
+
+
+def standard_block_macs(g: Geometry, n_attn: int, n_mlp: int) -> int:
+    """A stock pre-norm block (methods.md §8): qkv + q k^T + A v + proj on n_attn tokens, MLP on n_mlp.
+
+    12 n D^2 + 2 n^2 D for DeiT; norms, softmax and GELU are not counted (the field's convention).
+    """
+    attn = n_attn * g.dim * 3 * g.attn_dim + 2 * n_attn * n_attn * g.attn_dim + n_attn * g.attn_dim * g.dim
+    return attn + 2 * n_mlp * g.dim * g.mlp_hidden
+
+
+def stem_head_macs(g: Geometry) -> int:
+    """Patch embedding (a linear map per patch) and the classifier head(s)."""
+    return g.num_patches * g.patch_area_chans * g.dim + g.num_heads_out * g.dim * g.num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers the method modules share.
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), idx (B, n) long -> (B, n, C)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def swap_class(module: nn.Module, mixin: type, name: str | None = None) -> None:
+    """Make `module` an instance of a subclass of its own class with `mixin`'s forward (ToMe style).
+
+    The subclass keeps every parameter and buffer, so state dicts and `.to()` are untouched.
+    """
+    base = type(module)
+    cls = type(name or f"{mixin.__name__}{base.__name__}", (mixin, base), {})
+    module.__class__ = cls
+
+
+@dataclass
+class ForwardState:
+    """Scratch shared by the patched blocks of one model during one forward pass."""
+
+    trace: bool = False  # keep auxiliary outputs in eval mode too (visualisation, reports)
+    aux: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    carry: dict[str, Any] = field(default_factory=dict)  # per-forward token state (ToMe sizes, ...)
+
+    def reset(self) -> None:
+        self.aux = {}
+        self.carry = {}
+
+    def record(self, kind: str, block: int, value: torch.Tensor, training: bool) -> None:
+        if self.trace or training:
+            self.aux.setdefault(kind, {})[block] = value
+
+
+class Method:
+    """Base class of every token-reduction method. Subclasses set the class attributes and override
+    `schedule`, `patch_block` (or `patch`) and, where the method has overhead, `block_macs`."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""  # one line for the README table and --help
+    needs_cls: ClassVar[bool] = False  # scores come from the CLS token
+    count_rule: ClassVar[str] = "none"  # "abs_floor" | "rel_ceil" | "remove_r" | "none"
+    options: ClassVar[dict[str, Option]] = {}
+    # Named layer presets: name -> function(depth) -> block indices. The first one is the default.
+    layer_presets: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, geometry: Geometry, keep_ratio: float, layers: tuple[int, ...], options: dict):
+        self.geometry = geometry
+        self.keep_ratio = keep_ratio
+        self.layers = layers
+        self.opts = options
+        self.state = ForwardState()
+
+    # --- declared behaviour ------------------------------------------------------------------
+    @classmethod
+    def default_layers(cls, depth: int, preset: str | None = None) -> tuple[int, ...]:
+        if not cls.layer_presets:
+            return ()
+        preset = preset or next(iter(cls.layer_presets))
+        if preset not in cls.layer_presets:
+            raise MethodError(
+                f"unknown layer preset {preset!r} for {cls.name}; valid: {', '.join(cls.layer_presets)}"
+            )
+        return tuple(cls.layer_presets[preset](depth))
+
+    def schedule(self) -> Schedule:
+        """Token counts per block. The base: nothing is reduced."""
+        n = self.geometry.num_tokens
+        return Schedule(tuple(BlockTokens(n, n, n, n) for _ in range(self.geometry.depth)))
+
+    def block_macs(self, index: int, tokens: BlockTokens) -> int:
+        """Analytic MACs of block `index`; override to add the method's own overhead."""
+        return standard_block_macs(self.geometry, tokens.n_attn, tokens.n_mlp)
+
+    def total_macs(self) -> int:
+        sched = self.schedule()
+        return stem_head_macs(self.geometry) + sum(
+            self.block_macs(i, bt) for i, bt in enumerate(sched.blocks)
+        )
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """New modules the method adds (e.g. DynamicViT predictors), by name on the model."""
+        return {}
+
+    @property
+    def aux(self) -> dict[str, dict[int, torch.Tensor]]:
+        return self.state.aux
+
+    # --- patching ------------------------------------------------------------------------------
+    def patch(self, model: nn.Module) -> None:
+        """Patch `model` in place. The default swaps each reduction layer's block class via
+        `patch_block`; methods that need model-level state override this."""
+        for i in self.layers:
+            self.patch_block(model.blocks[i], i)
+
+    def patch_block(self, block: nn.Module, index: int) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-friendly description for records and reports."""
+        return dict(
+            method=self.name, keep_ratio=self.keep_ratio, layers=list(self.layers),
+            options=dict(self.opts), count_rule=self.count_rule,
+            tokens_per_block=list(self.schedule().tokens_attn),
+        )
+
+
+class _ReducedModelMixin:
+    """Model-level patch: reset per-forward state so auxiliary outputs belong to this pass."""
+
+    def forward(self, *args, **kwargs):
+        self.token_reduction.state.reset()
+        return super().forward(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: dict[str, type[Method]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: `@register` on a Method subclass makes it available by name and aliases."""
+    for key in (cls.name, *cls.aliases):
+        if key in _ALIASES and _ALIASES[key] != cls.name:
+            raise ValueError(f"method name {key!r} registered twice")
+        _ALIASES[key] = cls.name
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Canonical method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    key = str(name).strip().lower()
+    if key not in _ALIASES:
+        valid = ", ".join(f"{n} ({', '.join(_REGISTRY[n].aliases)})" if _REGISTRY[n].aliases else n
+                          for n in _REGISTRY)
+        raise MethodError(f"unknown method {name!r}; valid: {valid}")
+    return _REGISTRY[_ALIASES[key]]
+
+
+def canonical_name(name: str) -> str:
+    return get_method(name).name
+
+
+def validate_options(cls: type[Method], options: dict) -> dict:
+    """Fill defaults, reject unknown names, coerce types. Returns a plain dict in declared order."""
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        valid = ", ".join(cls.options) or "(none)"
+        raise MethodError(f"unknown option {unknown[0]!r} for method {cls.name}; valid: {valid}")
+    return {k: opt.coerce(k, options.get(k, opt.default)) for k, opt in cls.options.items()}
+
+
+def validate_layers(cls: type[Method], layers: Sequence[int] | None, depth: int, preset: str | None) -> tuple[int, ...]:
+    if layers is None:
+        return cls.default_layers(depth, preset)
+    try:
+        out = tuple(int(i) for i in layers)
+    except (TypeError, ValueError):
+        raise MethodError(f"layers must be block indices (integers); got {layers!r}") from None
+    bad = [i for i in out if not 0 <= i < depth]
+    if bad:
+        raise MethodError(f"layer {bad[0]} is outside the model's blocks; valid: 0..{depth - 1}")
+    dup = sorted({i for i in out if out.count(i) > 1})
+    if dup:
+        raise MethodError(f"layer {dup[0]} is given more than once in {list(out)}")
+    return tuple(sorted(out))
+
+
+def validate_keep_ratio(keep_ratio: Any) -> float:
+    try:
+        r = float(keep_ratio)
+    except (TypeError, ValueError):
+        raise MethodError(f"keep ratio {keep_ratio!r} is not a number; valid: 0 < ratio <= 1") from None
+    if not (0.0 < r <= 1.0) or math.isnan(r):
+        raise MethodError(f"keep ratio {keep_ratio!r} is out of range; valid: 0 < ratio <= 1")
+    return r
+
+
+def build(model_or_geometry, name: str, keep_ratio: float = 1.0, layers: Sequence[int] | None = None,
+          **options) -> Method:
+    """A configured (not yet applied) method: its schedule and MACs are available without a forward."""
+    cls = get_method(name)
+    g = model_or_geometry if isinstance(model_or_geometry, Geometry) else Geometry.from_model(model_or_geometry)
+    if cls.needs_cls and not g.has_cls:
+        raise MethodError(
+            f"method {cls.name} scores tokens by the CLS token, but this model has none "
+            "(global average pooling); use a model with a class token or a method that needs none "
+            f"({', '.join(n for n, c in _REGISTRY.items() if not c.needs_cls)})"
+        )
+    opts = validate_options(cls, options)
+    preset = opts.get("preset")
+    return cls(g, validate_keep_ratio(keep_ratio), validate_layers(cls, layers, g.depth, preset), opts)
+
+
+def apply(model: nn.Module, name: str, keep_ratio: float = 1.0, layers: Sequence[int] | None = None,
+          **options) -> nn.Module:
+    """Patch a stock timm ViT in place with method `name` and return it.
+
+    `model.token_reduction` is then the configured `Method`: its `schedule()`, `total_macs()`,
+    `aux` (auxiliary outputs of the last forward) and `state.trace` switch.
+    """
+    if getattr(model, "token_reduction", None) is not None:
+        raise MethodError("model is already patched; create a fresh model to apply another method")
+    method = build(model, name, keep_ratio, layers, **options)
+    method.patch(model)
+    for mod_name, module in method.trainable_modules().items():
+        model.add_module(mod_name, module)
+    model.token_reduction = method
+    swap_class(model, _ReducedModelMixin, f"{type(method).__name__}{type(model).__name__}")
+    return model

@@ -1,0 +1,14 @@
+"""The unpatched baseline, so that callers never special-case it."""
+from __future__ import annotations
+
+from .base import Method, register
+
+
+@register
+class NoReduction(Method):
+    name = "none"
+    aliases = ("baseline", "base")
+    summary = "the stock model: every block sees every token"
+
+    def patch(self, model) -> None:  # nothing to change
+        return None
