@@ -8,7 +8,7 @@
 A new method is one module defining a `@register`ed `Method` subclass plus one import line below.
 """
 from .base import (  # noqa: F401
-    AUX_KINDS, BlockTokens, Geometry, Method, MethodError, Option, Schedule,
+    AUX_KINDS, DROPPED, FUSED, IDLE, KEPT, BlockTokens, Geometry, Method, MethodError, Option, Schedule,
     apply, available, build, canonical_name, get_method, register,
 )
 

@@ -18,15 +18,19 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-# Per-forward auxiliary outputs kept on the model (`model.token_reduction.aux`), keyed by kind then block:
-#   "kept"        (B, n) long    token positions (in that block's input) that were kept / selected
+# Per-forward auxiliary outputs kept on the model (`model.token_reduction.aux[kind][block_index]`).
+# Recorded only while `model.token_reduction.state.trace` is on or the model is training, so
+# benchmarks pay nothing for them. Every method records "patch_state" at each reduction block;
+# the others are method-specific:
+#   "patch_state" (B, N0) int8   per ORIGINAL patch after this block: KEPT, IDLE, DROPPED or FUSED
+#                                (for visualisation; prefix tokens are not included)
+#   "patch_group" (B, N0) long   ToMe: index of the output token that now holds each original patch
+#   "kept"        (B, n) long    positions, in this block's input sequence, of the kept/selected tokens
 #   "idle_mask"   (B, N) float   IdleViT: 1 = selected in this layer, 0 = idle (prefix always 1)
 #   "attn_logits" (B, H, N, N)   IdleViT training: raw, unmasked attention logits for the token-cut loss
-#   "decision"    (B, N0) float  DynamicViT: per-stage keep decision over the original patches
-#   "source"      (B, n, N0)     ToMe: which original patches each token holds (trace_source)
-#   "fused"       (B, N_rest)    EViT: positions fused into the extra token
-# Kept only while `trace` is on or the model is training, so benchmarks pay nothing for them.
-AUX_KINDS = ("kept", "idle_mask", "attn_logits", "decision", "source", "fused", "positions")
+#   "decision"    (B, N0) float  DynamicViT training: the stage's hard keep decision per original patch
+AUX_KINDS = ("patch_state", "patch_group", "kept", "idle_mask", "attn_logits", "decision")
+KEPT, IDLE, DROPPED, FUSED = 0, 1, 2, 3  # values of "patch_state"
 
 
 class MethodError(ValueError):
