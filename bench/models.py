@@ -1,10 +1,20 @@
 """timm model creation, local checkpoints, and the embedded Fashion-MNIST ViT the project ships."""
 from __future__ import annotations
 
+import difflib
+import os
+import socket
+import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+import timm
+import timm.data
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODEL = "tokenbench_vit_fmnist"
@@ -38,3 +48,198 @@ def tokenbench_vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransform
         pretrained_filter_fn=checkpoint_filter_fn,
         **dict(EMBEDDED_ARCH, **kwargs),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model creation with user weights. Every user-caused failure is one ModelError line.
+
+class ModelError(ValueError):
+    """A model name, checkpoint or pretrained-weights request that cannot be honoured."""
+
+
+def create_model(name: str, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
+                 **kwargs) -> nn.Module:
+    """A timm model by name, with weights from a local `checkpoint` file or timm's `pretrained` source.
+
+    `kwargs` go to `timm.create_model` (e.g. `img_size`, `num_classes`). With both `checkpoint` and
+    `pretrained` the checkpoint wins: it is the more specific request.
+    """
+    check_model_name(name)
+    if checkpoint is not None:
+        state_dict = read_checkpoint(checkpoint)  # fail on a bad file before building a big model
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights(model, state_dict, checkpoint)
+        return model
+    if pretrained:
+        return _create_pretrained(name, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def wants_pretrained(name: str, checkpoint, pretrained: bool) -> bool:
+    """Whether a job loads the pretrained weights: as asked, except that the embedded model always
+    loads its committed weights when no checkpoint is given, because it is meaningless untrained."""
+    return bool(pretrained) or (checkpoint is None and _arch_name(name) == EMBEDDED_MODEL)
+
+
+def check_model_name(name: str) -> None:
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
+        hint = f"closest: {', '.join(close)}" if close else "see timm.list_models()"
+        raise ModelError(f"unknown timm model {name!r}; {hint}")
+
+
+def check_checkpoint(name: str, path) -> None:
+    """Pre-flight: the file exists, reads, and fits the model's parameter names and shapes.
+
+    The model is built on the meta device (no memory, no init), so this is cheap for any size."""
+    check_model_name(name)
+    state_dict = read_checkpoint(path)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # a constructor that computes on its tensors: build it for real
+        model = timm.create_model(name, pretrained=False)
+    _check_fits(model, _filter(model, state_dict, path), path)
+
+
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """The state dict of a .pth/.pt (`{"model": sd}` DeiT format, `{"state_dict": sd}` or a bare state
+    dict) or .safetensors file, through timm's loader. EMA weights are not preferred: the file's
+    trained `model`/`state_dict` entry is what the user points at."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ModelError(f"checkpoint {str(path)!r} {what}; valid: a .pth, .pt or .safetensors file")
+    try:
+        state_dict = load_state_dict(str(path), use_ema=False)
+    except Exception as exc:  # torch.load / safetensors raise many types for a damaged file
+        raise ModelError(f"checkpoint {str(path)!r} cannot be read ({_first_line(exc)}); "
+                         "valid: a .pth, .pt or .safetensors file of a state dict") from None
+    if not isinstance(state_dict, dict) or not state_dict or \
+            not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ModelError(f"checkpoint {str(path)!r} holds no state dict; valid: a state dict, "
+                         "or a dict with it under 'model' or 'state_dict'")
+    return state_dict
+
+
+def load_weights(model: nn.Module, state_dict: dict, source) -> None:
+    """Load a state dict through the model family's timm filter (pos-embed and patch resizing, foreign
+    layouts), after checking that names and shapes fit, so a mismatch is one line that lists them."""
+    state_dict = _filter(model, state_dict, source)
+    _check_fits(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _filter(model: nn.Module, state_dict: dict, source) -> dict:
+    """timm's convention: a model family's module defines `checkpoint_filter_fn(state_dict, model)`,
+    the same function its pretrained weights go through."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except Exception as exc:  # a layout the family's converter does not understand
+        raise ModelError(f"checkpoint {str(source)!r} cannot be converted for {type(model).__name__} "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _check_fits(model: nn.Module, state_dict: dict, source) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    mismatched = [f"{k} {got[k]} vs model {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    problems = []
+    if mismatched:
+        problems.append(f"mismatched shapes: {_some(mismatched)}")
+    if missing:
+        problems.append(f"missing keys: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_some(unexpected)}")
+    if problems:
+        raise ModelError(f"checkpoint {str(source)!r} does not fit {type(model).__name__} "
+                         f"{getattr(model, 'pretrained_cfg', {}).get('architecture', '')}: " + "; ".join(problems))
+
+
+def _some(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def _arch_name(name: str) -> str:
+    return str(name).split(".", 1)[0]
+
+
+def _create_pretrained(name: str, **kwargs) -> nn.Module:
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    local_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") or getattr(cfg, "file", None)
+    if local_file and not Path(local_file).is_file():
+        how = " (make it with: python scripts/train_embedded.py)" if _arch_name(name) == EMBEDDED_MODEL else ""
+        raise ModelError(f"pretrained weights of {name!r} are missing: {local_file}{how}")
+    offline = _hub_offline() if not local_file else nullcontext()
+    try:
+        with offline:
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"cannot get pretrained weights for {name!r} ({type(exc).__name__}: {_first_line(exc)}); "
+                         "offline? download them elsewhere and pass --checkpoint FILE") from None
+
+
+def _hub_offline():
+    """Hugging Face offline mode (cached weights only) when the hub cannot be reached, so an offline
+    machine fails in a second instead of after the hub client's retries (about a minute)."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or _hub_reachable(hub.ENDPOINT):
+        return nullcontext()
+    return _patched(hub, "HF_HUB_OFFLINE", True)
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy can tell; let the hub client try
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _patched(obj, attr: str, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where and how a model runs: input size, device, precision.
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for. Read off the patch embedding, which follows an `img_size`
+    override where the pretrained config's input_size would not."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        height, width = patch_embed.img_size
+        return int(patch_embed.proj.in_channels), int(height), int(width)
+    return tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
+
+
+def autocast(device: str, dtype: str):
+    """The precision context of a job: nothing for fp32, torch.autocast for bf16/fp16."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; valid: {', '.join(AUTOCAST_DTYPES)}")
+    if AUTOCAST_DTYPES[dtype] is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])
