@@ -1,0 +1,257 @@
+"""Dispatch: CLI -> submitit parameters, array chunking, GPU slots, code snapshot, the local launcher end to end."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import types
+from pathlib import Path
+
+import pytest
+import submitit
+from submitit.helpers import DelayedSubmission
+from submitit.slurm.slurm import _make_sbatch_string
+
+from bench import launch, records, runner
+from bench.runner import run_job
+from bench.spec import JobSpec, save_grid
+
+EMBEDDED = "tokenbench_vit_fmnist"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--retry-failed", action="store_true")
+    launch.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def spec(metric="flops", device="cpu", ratio=1.0, **kw) -> JobSpec:
+    return JobSpec(metric=metric, model=EMBEDDED, keep_ratio=ratio, device=device, **kw)
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("30:00", 30), ("30:01", 31), ("1:30:00", 90), ("2-0", 2880), ("1-2:30", 1590),
+    ("1-00:00:30", 1441), (45, 45),
+])
+def test_time_limits_in_slurm_syntax(text, minutes):
+    assert launch.parse_time_min(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "0", "1h", "1:2:3:4", "-5", "1-"])
+def test_bad_time_limit_names_the_value(text):
+    with pytest.raises(launch.LaunchError, match="--time"):
+        launch.parse_time_min(text)
+
+
+def test_cli_to_slurm_parameters():
+    args = parse("--partition", "gpu", "--account", "proj", "--qos", "high", "--time", "1:30:00",
+                 "--cpus-per-task", "8", "--mem", "32G", "--constraint", "a100",
+                 "--slurm-setup", "module load cuda; source venv/bin/activate", "--array-parallelism", "16")
+    expected = dict(time=90, partition="gpu", account="proj", qos="high", constraint="a100", cpus_per_task=8,
+                    mem="32G", setup=["module load cuda; source venv/bin/activate"], array_parallelism=16)
+    assert launch.slurm_parameters(args, gpu=False, throughput=False) == expected
+    assert launch.slurm_parameters(args, gpu=True, throughput=False) == dict(expected, gpus_per_node=1)
+    assert "exclusive" not in launch.slurm_parameters(args, gpu=True, throughput=True)
+
+
+def test_exclusive_flags():
+    args = parse("--throughput-exclusive")
+    assert launch.slurm_parameters(args, gpu=False, throughput=True)["exclusive"] is True
+    assert "exclusive" not in launch.slurm_parameters(args, gpu=False, throughput=False)
+    assert launch.slurm_parameters(parse("--exclusive"), gpu=False, throughput=False)["exclusive"] is True
+    assert launch.slurm_parameters(parse("--gpus-per-node", "2"), gpu=False, throughput=False)["gpus_per_node"] == 2
+
+
+def test_slurm_parameters_are_valid_sbatch_options(tmp_path):
+    """submitit itself turns them into the sbatch lines a user would write by hand."""
+    args = parse("--partition", "gpu", "--time", "2-00:00:00", "--mem", "32G", "--qos", "high",
+                 "--throughput-exclusive", "--slurm-setup", "module load cuda")
+    params = launch.slurm_parameters(args, gpu=True, throughput=True)
+    sbatch = _make_sbatch_string(command="python job.py", folder=tmp_path, **params)
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --mem=32G", "#SBATCH --qos=high",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --exclusive", "module load cuda"]:
+        assert line in sbatch.splitlines(), line
+
+
+def test_grid_is_split_into_arrays_of_at_most_max_size():
+    flops = [spec(ratio=i / 10000) for i in range(1, 2501)]
+    timing = [spec("throughput", ratio=0.5, batch_size=b) for b in (1, 8, 64)]
+    gpu = [spec(device="cuda", ratio=0.5)]
+    arrays = launch.array_plan(flops + timing + gpu, parse("--throughput-exclusive"), max_size=1000)
+    assert [len(chunk) for _, chunk in arrays] == [1000, 1000, 500, 3, 1]
+    assert [s for _, chunk in arrays for s in chunk] == flops + timing + gpu  # each job exactly once, in order
+    assert [params.get("exclusive", False) for params, _ in arrays] == [False, False, False, True, False]
+    assert [params.get("gpus_per_node") for params, _ in arrays] == [None, None, None, None, 1]
+
+
+def test_max_array_size_from_scontrol():
+    config = "MaxArraySize            = 1001\nMaxJobCount             = 10000\n"
+    assert launch.parse_max_array_size(config) == 1001
+    assert launch.parse_max_array_size("MaxJobCount = 5\n") is None
+    assert launch.max_array_size(override=7) == 7
+
+
+def test_auto_launcher():
+    no_sbatch, sbatch = (lambda name: None), (lambda name: "/usr/bin/" + name)
+    assert launch.resolve_launcher("auto", which=sbatch, gpus=lambda: []) == "slurm"
+    assert launch.resolve_launcher("auto", which=no_sbatch, gpus=lambda: [0, 1]) == "local"
+    assert launch.resolve_launcher("auto", which=no_sbatch, gpus=lambda: []) == "inline"
+    assert launch.resolve_launcher(None, which=sbatch, gpus=lambda: [0]) == "inline"
+    assert launch.resolve_launcher("local", which=sbatch, gpus=lambda: []) == "local"
+    with pytest.raises(launch.LaunchError, match="valid: inline, local, slurm, auto"):
+        launch.resolve_launcher("pbs")
+
+
+def test_gpu_slots_follow_cuda_visible_devices():
+    assert launch.gpu_slots(None, 2) == [0, 1]
+    assert launch.gpu_slots("2,3", 2) == [2, 3]
+    assert launch.gpu_slots("", 0) == []
+    with pytest.raises(launch.LaunchError, match="CUDA_VISIBLE_DEVICES"):
+        launch.gpu_slots("GPU-5f1c", 1)
+
+
+def test_slot_scheduler_one_job_per_gpu():
+    scheduler = launch.SlotScheduler([0, 1, 2])
+    held = [scheduler.acquire(spec(device="cuda", ratio=r)) for r in (0.5, 0.6, 0.7)]
+    assert sorted(h[0] for h in held) == [0, 1, 2] and all(len(h) == 1 for h in held)
+    assert scheduler.acquire(spec(device="cuda", ratio=0.8)) is None
+    scheduler.release(held[1])
+    assert scheduler.acquire(spec("throughput", device="cuda")) == held[1]
+    # A CPU timing shares the CPU with every other job: it waits for the whole machine.
+    scheduler = launch.SlotScheduler([0, 1])
+    first = scheduler.acquire(spec())
+    assert scheduler.acquire(spec("throughput")) is None
+    scheduler.release(first)
+    assert sorted(scheduler.acquire(spec("throughput"))) == [0, 1]
+
+
+def test_cpu_machine_runs_one_job_at_a_time():
+    scheduler = launch.SlotScheduler([])
+    held = scheduler.acquire(spec())
+    assert held == [launch.CPU] and scheduler.acquire(spec(ratio=0.5)) is None
+    assert launch.local_parameters(parse("--time", "3"), held) == dict(timeout_min=3, gpus_per_node=0,
+                                                                        visible_gpus=())
+    assert launch.local_parameters(parse(), [2]) == dict(timeout_min=120, gpus_per_node=1, visible_gpus=(2,))
+
+
+class FakeJob:
+    """Ends after two polls without writing a record, like a job killed before run_job."""
+
+    state = "FINISHED"
+
+    def __init__(self, job_id: str, folder: Path, params: dict):
+        self.job_id, self.params, self.polls = job_id, params, 0
+        self.paths = types.SimpleNamespace(folder=folder)
+
+    def done(self) -> bool:
+        self.polls += 1
+        return self.polls >= 2
+
+    def stderr(self) -> str:
+        return "boom"
+
+
+class FakeExecutor:
+    """Stands in for submitit.LocalExecutor and checks that no two running jobs share a GPU."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.params, self.jobs = folder, {}, []
+
+    def update_parameters(self, **params):
+        self.params.update(params)
+
+    def submit(self, fn, spec, run_dir, force):
+        busy = {gpu for job in self.jobs if job.polls < 2 for gpu in job.params["visible_gpus"]}
+        assert not busy & set(self.params["visible_gpus"]), "two running jobs share a GPU"
+        self.jobs.append(FakeJob(str(len(self.jobs)), self.folder, dict(self.params, spec=spec)))
+        return self.jobs[-1]
+
+
+def test_local_launcher_keeps_one_job_per_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "POLL_S", 0)
+    executor = FakeExecutor(tmp_path)
+    todo = [spec(device="cuda", ratio=r / 10) for r in range(1, 8)]
+    lost = launch._run_local(todo, tmp_path, parse("--time", "7"), gpus=[3, 5], executor=executor)
+    assert [job.params["spec"] for job in executor.jobs] == todo
+    assert {job.params["visible_gpus"] for job in executor.jobs} == {(3,), (5,)}
+    assert all(job.params["timeout_min"] == 7 and job.params["gpus_per_node"] == 1 for job in executor.jobs)
+    # No job wrote a record: each is reported as lost, with its stderr tail.
+    assert set(lost) == {s.key for s in todo} and all("without a record (boom)" in r for r in lost.values())
+    assert set(json.loads((tmp_path / "launch" / "jobs.json").read_text())) == {s.key for s in todo}
+
+
+def test_requeueable_checkpoint_resubmits_itself():
+    job = launch.Requeueable(pow)
+    again = job.checkpoint(2, 5)
+    assert isinstance(again, DelayedSubmission)
+    assert again.function is job and again.args == (2, 5)
+    assert again.result() == 32
+    assert isinstance(launch.job_callable(spec(finetune_epochs=3)), launch.Requeueable)
+    assert launch.job_callable(spec()) is run_job
+
+
+def _git(repo: Path, *argv: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True)
+
+
+def test_snapshot_freezes_the_code_jobs_run(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / ".gitignore").write_text("big.bin\n")
+    (repo / "big.bin").write_text("ignored")
+    (repo / "snapprobe.py").write_text("def version():\n    return 'v1'\n")
+    _git(repo, "add", ".gitignore")  # snapprobe.py stays untracked: new code must reach the jobs too
+    monkeypatch.syspath_prepend(str(repo))
+    probe = importlib.import_module("snapprobe")
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs" / "%j")
+    executor.update_parameters(timeout_min=1)
+    with launch.code_snapshot(tmp_path / "code", root=repo) as snapshot:
+        # The repo changes after the snapshot: the job must still run v1 (it cannot see `repo` at all).
+        (repo / "snapprobe.py").write_text("def version():\n    return 'v2'\n")
+        job = executor.submit(probe.version)
+    assert Path.cwd() != snapshot
+    assert job.result() == "v1"
+    assert (snapshot / "snapprobe.py").exists() and not (snapshot / "big.bin").exists()
+
+
+def test_user_errors_before_anything_runs(tmp_path):
+    with pytest.raises(launch.LaunchError, match="--no-wait"):
+        launch.dispatch([spec()], tmp_path, parse("--launcher", "local", "--no-wait"))
+    with pytest.raises(launch.LaunchError, match="--device cuda:1 .*valid: --device cuda"):
+        launch.dispatch([spec(device="cuda:1")], tmp_path, parse("--launcher", "local"))
+    with pytest.raises(launch.LaunchError, match="--time"):
+        launch.dispatch([spec()], tmp_path, parse("--launcher", "local", "--time", "soon"))
+
+
+def test_collect_reports_lost_jobs_and_retries(tmp_path, monkeypatch):
+    """A job that never wrote a record is lost; --retry-failed runs it (inline: the run had no launcher)."""
+    monkeypatch.setattr(runner, "measure", lambda spec, run_dir: {"gmacs": 1.0})  # the launcher is under test
+    finished, lost = spec(), spec(seed=1)
+    save_grid(tmp_path, [finished, lost])
+    assert run_job(finished, tmp_path) == "ok"
+    summary = launch.collect(tmp_path, parse())
+    assert summary.done == [finished.key] and summary.failed == [lost.key]
+    assert summary.errors[lost.key] == "never submitted"
+    summary = launch.collect(tmp_path, parse("--retry-failed"))
+    assert summary.done == [finished.key, lost.key] and not summary.failed
+    assert records.record_path(tmp_path, lost.key).exists()
+
+
+def test_local_launcher_end_to_end(tmp_path):
+    """Real submitit subprocesses on CPU: the jobs import the snapshot with this Python and write records."""
+    grid = [spec()]
+    summary = launch.dispatch(grid, tmp_path, parse("--launcher", "local", "--time", "5"))
+    assert sorted(summary.done) == sorted(s.key for s in grid) and not summary.failed, summary.errors
+    done, failed, _ = records.scan(tmp_path)
+    assert set(done) == {s.key for s in grid} and done[grid[0].key].metrics["gmacs"] > 0
+    index = json.loads((tmp_path / "launch" / "jobs.json").read_text())
+    assert {entry["launcher"] for entry in index.values()} == {"local"}
+    out = Path(index[grid[0].key]["folder"])
+    assert any(out.glob("*_result.pkl"))
+    # Nothing to do the second time: finished jobs are not resubmitted.
+    again = launch.dispatch(grid, tmp_path, parse("--launcher", "local"))
+    assert sorted(again.skipped) == sorted(s.key for s in grid) and not again.done
