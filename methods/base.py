@@ -110,6 +110,8 @@ class Option:
         return value
 
     def _choices_hint(self) -> str:
+        if self.type is bool and not self.choices:  # say what the CLI accepts for a flag
+            return "; valid: true, false"
         return f"; valid: {', '.join(map(str, self.choices))}" if self.choices else ""
 
 
@@ -268,14 +270,20 @@ class Method:
         return Schedule(tuple(BlockTokens(n, n, n, n) for _ in range(self.geometry.depth)))
 
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
-        """Analytic MACs of block `index`; override to add the method's own overhead."""
+        """Analytic MACs of block `index`; override to ADD the method's own overhead (predictors,
+        scoring, matching) to `standard_block_macs(n_attn, n_mlp)`, which must stay the plain cost
+        of the block on its scheduled tokens: `total_macs(include_overhead=False)` relies on it."""
         return standard_block_macs(self.geometry, tokens.n_attn, tokens.n_mlp)
 
-    def total_macs(self) -> int:
-        sched = self.schedule()
-        return stem_head_macs(self.geometry) + sum(
-            self.block_macs(i, bt) for i, bt in enumerate(sched.blocks)
-        )
+    def total_macs(self, include_overhead: bool = True) -> int:
+        """Stem + blocks + head. Without overhead: only what stock blocks on the scheduled tokens cost,
+        the convention of papers that leave a method's own overhead out (methods.flops)."""
+        g, sched = self.geometry, self.schedule()
+        if include_overhead:
+            blocks = (self.block_macs(i, bt) for i, bt in enumerate(sched.blocks))
+        else:
+            blocks = (standard_block_macs(g, bt.n_attn, bt.n_mlp) for bt in sched.blocks)
+        return stem_head_macs(g) + sum(blocks)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """New modules the method adds (e.g. DynamicViT predictors), by name on the model."""
