@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 METRICS = ("acc", "flops", "throughput")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -65,3 +66,82 @@ class JobSpec:
     def baseline(self) -> "JobSpec":
         """The unpatched counterpart measured under the same conditions."""
         return replace(self, method="none", keep_ratio=1.0, layers=None, method_options=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids: the cross product a run asks for, and its file in the run folder.
+
+GRID_FILE = "grid.json"
+GRID_SCHEMA = 1
+
+
+class GridError(ValueError):
+    """A run folder without a usable grid.json."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method configuration of a grid; every keep ratio is measured for it."""
+
+    method: str  # canonical name
+    layers: tuple[int, ...] | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs the user set
+
+
+def expand_grid(models: Sequence[str], variants: Sequence[Variant], ratios: Sequence[float],
+                metrics: Sequence[str], throughput_batch_sizes: Sequence[int] = (1,),
+                extra: dict[str, dict] | None = None, **common) -> list[JobSpec]:
+    """JobSpecs of a grid: per model x metric the unpatched baseline once (ratio 1.0), then every
+    variant x ratio (a method at ratio 1.0 is still its own row). Throughput gets one job per batch
+    size. `extra` maps a metric to its measurement knobs (JobSpec.extra); `common` sets the other
+    JobSpec fields (device, dtype, batch_size, data, limit, ...)."""
+    specs: dict[str, JobSpec] = {}
+    for model in models:
+        for metric in metrics:
+            sizes = throughput_batch_sizes if metric == "throughput" else (common.get("batch_size", 128),)
+            knobs = tuple(sorted((extra or {}).get(metric, {}).items()))
+            for batch_size in sizes:
+                base = _for_metric(JobSpec(metric=metric, model=model, extra=knobs,
+                                           **dict(common, batch_size=batch_size)))
+                specs.setdefault(base.key, base)
+                for variant in variants:
+                    if variant.method == "none":
+                        continue  # the baseline row above
+                    for ratio in ratios:
+                        spec = replace(base, method=variant.method, keep_ratio=float(ratio),
+                                       layers=variant.layers, method_options=variant.options)
+                        specs.setdefault(spec.key, spec)
+    return list(specs.values())
+
+
+def _for_metric(spec: JobSpec) -> JobSpec:
+    """Clear the fields a metric does not read, so changing them does not invalidate its records."""
+    if spec.metric == "flops":  # counted for one image, from the architecture alone
+        return replace(spec, batch_size=1, limit=None, data=EMBEDDED_DATA)
+    if spec.metric == "throughput":  # synthetic input
+        return replace(spec, limit=None, data=EMBEDDED_DATA)
+    return spec
+
+
+def save_grid(run_dir, specs: Sequence[JobSpec]) -> Path:
+    from .records import atomic_write_json  # records imports this module
+
+    path = Path(run_dir) / GRID_FILE
+    atomic_write_json(path, dict(schema=GRID_SCHEMA, specs=[s.to_dict() for s in specs]))
+    return path
+
+
+def load_grid(run_dir) -> list[JobSpec]:
+    path = Path(run_dir) / GRID_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"{run_dir} has no {GRID_FILE}; valid: a run folder written by run_all.py") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GridError(f"{path} is unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != GRID_SCHEMA:
+        raise GridError(f"{path} is not a schema-{GRID_SCHEMA} grid")
+    try:
+        return [JobSpec.from_dict(d) for d in data["specs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GridError(f"{path}: bad job spec ({exc})") from None
