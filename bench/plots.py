@@ -1,0 +1,292 @@
+"""Figures of a report (seaborn on the non-interactive Agg backend), each saved as PNG and PDF.
+
+Every figure colours and marks a method the same way (`method_style`), keyed by the method's place
+in the registry, so that EViT is the same colour in every figure of every report. Variants of one
+method (other options, explicit layers, finetuning) share its colour and marker and differ by dashes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written on headless machines and inside jobs
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+import methods  # noqa: E402
+
+from .report import variant_label  # noqa: E402
+
+BASELINE = "none"
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
+_DASHES = ("", (4, 2), (1, 1), (6, 2, 1, 2), (3, 3))
+_LINESTYLES = ("-", "--", ":", "-.")
+BASELINE_STYLE = dict(color="black", marker="*", s=220, zorder=5, label="baseline (none)")
+
+
+def method_style(method: str) -> dict:
+    """Colour and marker of a method, stable across figures and reports (registry order)."""
+    order = [m for m in methods.available() if m != BASELINE]
+    # an unregistered name (records from another checkout) still gets a colour of its own, stably
+    index = order.index(method) if method in order else len(order) + sum(map(ord, method))
+    palette = sns.color_palette("tab10", 10)
+    return dict(color=palette[index % 10], marker=_MARKERS[index % len(_MARKERS)])
+
+
+def _variant_styles(frame: pd.DataFrame) -> tuple[dict, dict, dict]:
+    """palette, markers, dashes for seaborn, keyed by variant label."""
+    palette, markers, dashes, seen = {}, {}, {}, {}
+    pairs = frame[["variant", "method"]].drop_duplicates()
+    order = methods.available()
+    pairs = sorted(pairs.itertuples(index=False), key=lambda p: (order.index(p.method) if p.method in order
+                                                                else len(order), p.method, p.variant))
+    for variant, method in pairs:
+        style = method_style(method)
+        palette[variant], markers[variant] = style["color"], style["marker"]
+        dashes[variant] = _DASHES[seen.get(method, 0) % len(_DASHES)]
+        seen[method] = seen.get(method, 0) + 1
+    return palette, markers, dashes
+
+
+def _legend_outside(fig, axes) -> None:
+    """One legend right of the panels (inside, it hides the points of dense figures)."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if labels:
+        axes[-1].legend([handles[k] for k in labels], labels, fontsize=8, loc="upper left",
+                        bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+    return path.with_suffix(".png")
+
+
+def _lines(ax, data: pd.DataFrame, x: str, y: str) -> None:
+    """One line per variant through its points, sorted along x."""
+    if data.empty:
+        return
+    palette, markers, dashes = _variant_styles(data)
+    sns.lineplot(data=data, x=x, y=y, hue="variant", style="variant", hue_order=list(palette),
+                 style_order=list(palette), palette=palette, markers=markers, dashes=dashes, sort=True,
+                 estimator=None, markersize=7, ax=ax)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+def tradeoff(summary: pd.DataFrame, x: str, xlabel: str, model: str):
+    """Top-1 against a cost (GMACs or img/s): one line per method variant, the baseline as a star."""
+    rows = summary[(summary["model"] == model) & summary["top1"].notna() & summary[x].notna()]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    reduced = rows[rows["method"] != BASELINE]
+    _lines(ax, reduced, x, "top1")
+    palette = _variant_styles(reduced)[0] if len(reduced) else {}
+    for r in reduced.itertuples():  # keep ratio beside each point, and its 95% bootstrap CI
+        ax.annotate(f"{r.keep_ratio:g}", (getattr(r, x), r.top1), xytext=(4, 3), textcoords="offset points",
+                    fontsize=7, color=palette[r.variant])
+        if pd.notna(getattr(r, "top1_ci_low", np.nan)):
+            ax.errorbar(getattr(r, x), r.top1, yerr=[[r.top1 - r.top1_ci_low], [r.top1_ci_high - r.top1]],
+                        fmt="none", ecolor=palette[r.variant], alpha=0.4, capsize=2, lw=1)
+    base = rows[rows["method"] == BASELINE]
+    if len(base):
+        ax.scatter(base[x], base["top1"], **BASELINE_STYLE)
+    ax.set(xlabel=xlabel, ylabel="Top-1 accuracy (%)", title=model)
+    ax.grid(alpha=0.3)
+    _legend_outside(fig, [ax])
+    return fig
+
+
+def throughput_vs_batch(tidy: pd.DataFrame, model: str):
+    """img/s against batch size, one panel per keep ratio, interquartile band over repeats."""
+    tp = tidy[(tidy["metric"] == "throughput") & (tidy["status"] == "ok") & (tidy["model"] == model)].copy()
+    tp["batch"] = tp["batch_size_used"].fillna(tp["batch_size"]) if "batch_size_used" in tp else tp["batch_size"]
+    tp["condition"] = tp["dtype"] + ", " + tp.get("device_name", tp["device"]).fillna(tp["device"]).astype(str)
+    tp["variant"] = tp.apply(variant_label, axis=1)
+    ratios = sorted(tp.loc[tp["method"] != BASELINE, "keep_ratio"].unique(), reverse=True) or [1.0]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), squeeze=False, sharey=True)
+    base = tp[tp["method"] == BASELINE].sort_values("batch")
+    for ax, ratio in zip(axes[0], ratios):
+        rows = tp[(tp["keep_ratio"] == ratio) & (tp["method"] != BASELINE)]
+        _lines(ax, rows, "batch", "img_s")
+        palette = _variant_styles(rows)[0] if len(rows) else {}
+        for variant, group in rows.sort_values("batch").groupby("variant"):
+            ax.fill_between(group["batch"], group["img_s_q25"], group["img_s_q75"], color=palette[variant], alpha=0.15)
+        if len(base):
+            ax.plot(base["batch"], base["img_s"], color="black", ls="--", marker="*", ms=10, label="baseline (none)")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="batch size", ylabel="images / s", title=f"{model}, keep {ratio:g}")
+        ax.grid(alpha=0.3, which="both")
+    batches = sorted(tp["batch"].unique())
+    for ax in axes[0]:
+        ax.set_xticks(batches, [str(int(b)) for b in batches])  # the batch sizes measured, not powers of 2
+        ax.minorticks_off()
+    _legend_outside(fig, list(axes[0]))
+    conditions = ", ".join(sorted(tp["condition"].unique()))
+    fig.suptitle(f"Throughput ({conditions}); band: interquartile range over repeats", fontsize=9)
+    return fig
+
+
+def _create_model(name: str):
+    from . import models
+
+    if hasattr(models, "create_model"):
+        return models.create_model(name)
+    import timm  # bench.models registered the embedded model on import
+
+    return timm.create_model(name)
+
+
+def _idle_tokens(row) -> list | None:
+    """(active, idle) per block from the method's own schedule: idle tokens are carried through the
+    block untouched by attention and MLP (IdleViT). None when the method is not registered here."""
+    import torch
+
+    try:
+        with torch.device("meta"):  # the geometry only: no weights, no memory
+            model = _create_model(row["model"])
+        opts = _parse_options(row.get("options"))
+        layers = [int(i) for i in str(row.get("layers") or "").split(",") if i.strip()] or None
+        sched = methods.build(model, row["method"], row["keep_ratio"], layers, **opts).schedule()
+        return [(b.n_attn, max(b.n_out - max(b.n_attn, b.n_mlp), 0)) for b in sched.blocks]
+    except Exception:  # unregistered method, unknown model offline: fall back to the recorded counts
+        return None
+
+
+def tokens_per_layer(summary: pd.DataFrame, model: str):
+    """Tokens each block attends over, per method; hatched: tokens carried idle (IdleViT)."""
+    rows = summary[(summary["model"] == model) & summary["tokens_per_block"].map(lambda t: isinstance(t, list))]
+    rows = rows.drop_duplicates(["variant", "keep_ratio"])
+    ratios = sorted(rows.loc[rows["method"] != BASELINE, "keep_ratio"].unique(), reverse=True) or [1.0]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), squeeze=False, sharey=True)
+    base = rows[rows["method"] == BASELINE]
+    for ax, ratio in zip(axes[0], ratios):
+        panel = rows[(rows["keep_ratio"] == ratio) & (rows["method"] != BASELINE)]
+        palette, markers, dashes = _variant_styles(panel) if len(panel) else ({}, {}, {})
+        for r in panel.set_index("variant", drop=False).loc[list(palette)].itertuples():  # legend in method order
+            blocks = np.arange(len(r.tokens_per_block))
+            ax.plot(blocks, r.tokens_per_block, color=palette[r.variant], marker=markers[r.variant],
+                    dashes=dashes[r.variant] or (None, None), label=r.variant, ms=5)
+            sched = _idle_tokens(r._asdict())
+            if sched and any(idle for _, idle in sched):
+                active, idle = np.array(sched).T
+                ax.fill_between(np.arange(len(active)), active, active + idle, color=palette[r.variant], alpha=0.15,
+                                hatch="//",
+                                label=f"{r.variant}: idle")
+        for r in base.itertuples():
+            ax.plot(np.arange(len(r.tokens_per_block)), r.tokens_per_block, color="black", ls="--",
+                    label="baseline (none)")
+        ax.set(xlabel="block", ylabel="tokens in attention (incl. prefix)", title=f"{model}, keep {ratio:g}")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _legend_outside(fig, list(axes[0]))
+    return fig
+
+
+def _parse_options(text) -> dict:
+    """'fuse=False,r=8' (the report's options text) -> {'fuse': 'False', 'r': '8'}."""
+    return dict(p.split("=", 1) for p in str(text or "").split(",") if "=" in p)
+
+
+def varied_options(summary: pd.DataFrame) -> list[str]:
+    """Option names (and 'layers') that take more than one value for some model and method."""
+    varied = set()
+    parsed = summary.assign(_opts=summary["options"].map(_parse_options))
+    for _, group in parsed.groupby(["model", "method"]):
+        names = {k for d in group["_opts"] for k in d}
+        varied |= {k for k in names if len({d.get(k) for d in group["_opts"]}) > 1}
+        if group["layers"].nunique() > 1:
+            varied.add("layers")
+    return sorted(varied)
+
+
+def ablation(summary: pd.DataFrame, option: str, y: str = "top1", ylabel: str = "Top-1 accuracy (%)"):
+    """A metric against the value of one varied option; one line per method and keep ratio."""
+    rows = summary[(summary["method"] != BASELINE) & summary[y].notna()].copy()
+    if option == "layers":
+        rows["value"] = rows["layers"].replace("", "default")
+    else:
+        rows["value"] = [_parse_options(t).get(option, _default(m, option))
+                         for t, m in zip(rows["options"], rows["method"])]
+    varied = rows.groupby(["model", "method"])["value"].transform("nunique") > 1
+    rows = rows[varied]  # only the methods this ablation is about
+    prefix = rows["model"] + ": " if rows["model"].nunique() > 1 else ""
+    rows["series"] = prefix + rows["method"] + ", keep " + rows["keep_ratio"].map("{:g}".format)
+    order = sorted(rows["value"].unique(), key=_numeric_first)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    series = rows[["series", "method", "keep_ratio"]].drop_duplicates().sort_values(["method", "keep_ratio"])
+    ratios = sorted(rows["keep_ratio"].unique(), reverse=True)
+    palette = {s.series: method_style(s.method)["color"] for s in series.itertuples()}
+    # colour and marker say the method, the line style the keep ratio
+    sns.pointplot(data=rows, x="value", y=y, hue="series", order=order, hue_order=list(palette), palette=palette,
+                  markers=[method_style(s.method)["marker"] for s in series.itertuples()],
+                  linestyles=[_LINESTYLES[ratios.index(s.keep_ratio) % len(_LINESTYLES)] for s in series.itertuples()],
+                  errorbar=None, ax=ax)
+    ax.set(xlabel=option, ylabel=ylabel, title=f"Ablation: {option}")
+    ax.grid(alpha=0.3)
+    _legend_outside(fig, [ax])
+    return fig
+
+
+def _default(method: str, option: str) -> str:
+    """How an option left at its default is shown: 'True (default)'."""
+    try:
+        return f"{methods.get_method(method).options[option].default} (default)"
+    except (methods.MethodError, KeyError):
+        return "default"
+
+
+def _numeric_first(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, str(value))
+
+
+def _throughput_conditions(summary: pd.DataFrame, model: str) -> str:
+    """' (batch 64, fp32, NVIDIA H100)' for an axis label; empty when nothing was timed."""
+    cols = [c for c in ("tp_batch_size", "tp_dtype", "device_name") if c in summary]
+    rows = summary.loc[(summary["model"] == model) & summary.get("img_s", pd.Series(dtype=float)).notna(), cols]
+    if rows.empty or len(cols) < 3:
+        return ""
+    parts = [", ".join(sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in rows[c].dropna()})) for c in cols]
+    return f" (batch {parts[0]}, {parts[1]}, {parts[2]})"
+
+
+def write_figures(tidy: pd.DataFrame, summary: pd.DataFrame, out_dir) -> dict[str, Path]:
+    """All figures the records support; returns {name: png path} (a PDF lies beside each PNG)."""
+    out_dir = Path(out_dir)
+    paths: dict[str, Path] = {}
+    for model in sorted(summary["model"].unique()):
+        slug = model.replace("/", "_")
+        for x, xlabel, name in (("gmacs", "GMACs per image", "top1_vs_gmacs"),
+                                ("img_s", f"images / s{_throughput_conditions(summary, model)}", "top1_vs_throughput")):
+            if {"top1", x} <= set(summary) and (summary["top1"].notna() & summary[x].notna()).any():
+                paths[f"{name} ({model})"] = _save(tradeoff(summary, x, xlabel, model), out_dir / f"{name}_{slug}")
+        if (tidy.get("metric") == "throughput").any():
+            paths[f"throughput_vs_batch ({model})"] = _save(throughput_vs_batch(tidy, model),
+                                                            out_dir / f"throughput_vs_batch_{slug}")
+        if "tokens_per_block" in summary and summary["tokens_per_block"].map(lambda t: isinstance(t, list)).any():
+            paths[f"tokens_per_layer ({model})"] = _save(tokens_per_layer(summary, model),
+                                                         out_dir / f"tokens_per_layer_{slug}")
+    for option in varied_options(summary):
+        for y, ylabel in (("top1", "Top-1 accuracy (%)"), ("gmacs", "GMACs per image")):
+            if y in summary and summary[y].notna().any():
+                safe = option.replace("/", "_")
+                paths[f"ablation {option} ({y})"] = _save(ablation(summary, option, y, ylabel),
+                                                         out_dir / f"ablation_{safe}_{y}")
+    return paths

@@ -1,0 +1,245 @@
+"""Pre-flight: check a whole grid before anything is written, so a typo costs a message, not a run.
+
+`preflight(specs, run_dir)` raises `UsageError` (a ValueError) with one line naming the bad value and
+the valid ones. It is run by run_all.py before the run folder exists. Checks, cheapest first:
+- job fields: metric, dtype, batch size, image limit, device string;
+- models: every name is a timm model (closest names suggested otherwise);
+- methods: every method / option / layer list / keep ratio against the model's geometry, through
+  `methods.build` on a model built once per name on the meta device (no weights, no forward);
+- local files: checkpoints (`bench.models.check_checkpoint`), the embedded model's committed weights
+  when an accuracy job loads them, eval data (`bench.data.check_data`);
+- the device: it exists here and can run the dtype (a tiny autocast probe of the ops a ViT uses);
+- the output folder can be written (a probe file in it or its nearest existing parent, removed).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+import methods
+
+from . import data, models
+from .spec import DTYPES, METRICS, JobSpec
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+class UsageError(ValueError):
+    """A grid that cannot run as asked (bad name, value, file or folder); the message says which."""
+
+
+def preflight(specs: Sequence[JobSpec], run_dir, devices_here: bool = True) -> None:
+    """Validate every job of a grid and the output folder; raise UsageError on the first problem.
+
+    `devices_here=False` skips the device and dtype checks, for launchers whose jobs run on other
+    machines (a SLURM login node usually has no GPU although the jobs will).
+    """
+    specs = list(specs)
+    if not specs:
+        raise UsageError("the grid has no jobs; valid: at least one method, ratio, model and metric")
+    for spec in specs:
+        check_fields(spec)
+        if devices_here:
+            check_device(spec.device)
+    for name in _unique(s.model for s in specs):
+        check_model_name(name)
+    for spec in _unique_by(specs, lambda s: (s.model, s.method, s.keep_ratio, s.layers, s.method_options)):
+        check_method(spec)
+    for name, checkpoint in _unique((s.model, s.checkpoint) for s in specs if s.checkpoint is not None):
+        _wrap(models.check_checkpoint, name, checkpoint)
+    for name in _unique(s.model for s in specs if s.metric == "acc" and _loads_pretrained(s)):
+        check_local_pretrained(name)
+    for source in _unique(s.data for s in specs if s.metric == "acc"):
+        _wrap(data.check_data, source)
+    if devices_here:
+        for device, dtype in _unique((s.device, s.dtype) for s in specs):
+            check_dtype_runs(device, dtype)
+    check_output_dir(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job fields
+
+def check_fields(spec: JobSpec) -> None:
+    if spec.metric not in METRICS:
+        raise UsageError(f"unknown metric {spec.metric!r}; valid: {', '.join(METRICS)}")
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {spec.dtype!r}; valid: {', '.join(DTYPES)}")
+    if not _is_positive_int(spec.batch_size):
+        raise UsageError(f"batch size {spec.batch_size!r} is not valid; valid: an integer >= 1")
+    if spec.limit is not None and not _is_positive_int(spec.limit):
+        raise UsageError(f"image limit {spec.limit!r} is not valid; valid: an integer >= 1 (or no limit)")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_device(device: str) -> None:
+    """The device string parses and the device is present on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; valid: {', '.join(_devices_here())}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise UsageError(f"device {device!r} is not supported; valid: {', '.join(_devices_here())}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"device {device!r}: no CUDA GPU is visible here; valid: {', '.join(_devices_here())}")
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"device {device!r}: only {count} CUDA GPU(s) visible; "
+                             f"valid: {', '.join(_devices_here())}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r}: MPS is not available here; valid: {', '.join(_devices_here())}")
+
+
+def _devices_here() -> list[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_dtype_runs(device: str, dtype: str) -> None:
+    """Reject a dtype the device cannot run, with the dtypes it can."""
+    error = _dtype_error(device, dtype)
+    if error is not None:
+        runnable = [d for d in DTYPES if _dtype_error(device, d) is None]
+        raise UsageError(f"dtype {dtype!r} cannot run on device {device!r} ({error}); "
+                         f"valid there: {', '.join(runnable)}")
+
+
+@lru_cache(maxsize=None)
+def _dtype_error(device: str, dtype: str) -> str | None:
+    """None if the ops of a ViT forward run on `device` in the precision context jobs use
+    (`bench.models.autocast`), else why not.
+
+    A probe rather than a table: which (device, dtype) pairs autocast supports changes between
+    torch releases and GPU generations (fp16 autocast on CPU works in torch 2.14, for instance).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        return "the GPU has no bfloat16 support"
+    try:
+        with torch.inference_mode(), models.autocast(device, dtype):
+            images = torch.randn(2, 1, 8, 8, device=dev)
+            tokens = torch.nn.functional.conv2d(images, torch.randn(8, 1, 4, 4, device=dev), stride=4)
+            tokens = tokens.flatten(2).transpose(1, 2)  # (B, 4, 8)
+            tokens = torch.nn.functional.layer_norm(tokens, (8,))
+            qkv = torch.nn.functional.linear(tokens, torch.randn(24, 8, device=dev)).view(2, 4, 3, 1, 8)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            scores = (q @ k.transpose(-2, -1)).softmax(-1)  # the explicit path token scoring uses
+            out = torch.nn.functional.gelu(attn + scores @ v).topk(2, dim=2).values
+            out.float().sum().item()
+    except Exception as exc:  # any failure means the device cannot run it: say what torch said
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'failed'}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and methods
+
+def check_model_name(name: str) -> None:
+    _wrap(models.check_model_name, name)  # a timm name, with the closest ones suggested
+
+
+def check_method(spec: JobSpec) -> None:
+    """The method, its options, layers and keep ratio fit the model (no weights, no forward)."""
+    try:
+        methods.get_method(spec.method)
+    except methods.MethodError as exc:
+        raise UsageError(str(exc)) from exc
+    model = _meta_model(spec.model)
+    try:
+        methods.build(model, spec.method, spec.keep_ratio, spec.layers, **spec.options())
+    except methods.MethodError as exc:  # the model matters here (depth, CLS token): name it
+        raise UsageError(f"{exc} (model {spec.model})") from exc
+
+
+@lru_cache(maxsize=None)
+def _meta_model(name: str) -> torch.nn.Module:
+    """The model's modules with meta tensors: its geometry at the cost of no memory and no init."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False)
+    except Exception:  # a model whose constructor computes on its tensors: build it for real
+        try:
+            return timm.create_model(name, pretrained=False)
+        except Exception as exc:
+            raise UsageError(f"model {name!r} cannot be built ({type(exc).__name__}: {exc})") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and folders
+
+def _loads_pretrained(spec: JobSpec) -> bool:
+    return spec.checkpoint is None and models.wants_pretrained(spec.model, spec.checkpoint, spec.pretrained)
+
+
+def check_local_pretrained(name: str) -> None:
+    """Pretrained weights that timm reads from a local file (the embedded model's) are there and fit.
+    Weights timm downloads are not checked here: that needs the network, and the job says it clearly."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    local_file = getattr(cfg, "file", None) if cfg is not None else None
+    if not local_file:
+        return
+    if not Path(local_file).is_file():
+        embedded = name.split(".")[0] == models.EMBEDDED_MODEL
+        how = " (make it with: python scripts/train_embedded.py)" if embedded else ""
+        raise UsageError(f"pretrained weights of {name!r} are missing: {local_file}{how}; "
+                         "valid: that file, or --checkpoint FILE")
+    _wrap(models.check_checkpoint, name, local_file)
+
+
+def check_output_dir(run_dir) -> None:
+    """The run folder can be created and written: a probe file in it or in its nearest existing
+    parent, removed at once. A probe rather than os.access, which says yes to root everywhere."""
+    path = Path(run_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output dir {str(run_dir)!r} is a file; valid: a folder (existing or new) you can write")
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"output dir {str(run_dir)!r} cannot be created: {str(folder)!r} is a file; "
+                         "valid: a folder (existing or new) you can write")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tokenbench-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"output dir {str(run_dir)!r} is not writable ({exc.strerror} in {str(folder)!r}); "
+                         "valid: a folder (existing or new) you can write") from None
+
+
+def _wrap(check, *args) -> None:
+    """Run a check of another module and re-raise its user error as UsageError, message unchanged."""
+    try:
+        check(*args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _unique(items: Iterable) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _unique_by(specs: Iterable[JobSpec], key) -> list[JobSpec]:
+    seen: dict = {}
+    for spec in specs:
+        seen.setdefault(key(spec), spec)
+    return list(seen.values())
+

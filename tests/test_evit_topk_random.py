@@ -1,0 +1,253 @@
+"""EViT, Top-K and random keep-K against a per-sample reference written here from methods.md §2 / §5
+(explicit softmax attention, python sorting; not from methods/evit.py), and against the numbers of
+methods.md §2.1 and §8."""
+import functools
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import methods
+from methods import DROPPED, FUSED, KEPT, Geometry, MethodError
+from random_vits import models, patched_copy, random_images  # noqa: F401 (models is a fixture)
+
+# ---------------------------------------------------------------------------------------------
+# Reference (methods.md §2.1 / §5), one sample at a time. Every token carries the original patch
+# it came from (-1 for a fused token) so that the selections can be compared with aux outputs.
+
+def _cls_scores(block, tokens, kind):
+    """Explicit attention of one sample. Returns the block's attention output and, per image token,
+    the head-mean CLS softmax probability ("prob") or scaled pre-softmax logit ("logit")."""
+    attn = block.attn
+    N, H, d = tokens.shape[0], attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(block.norm1(tokens)).reshape(N, 3, H, d).unbind(1)  # (N, H, d) each
+    logits = torch.einsum("ihd,jhd->hij", q, k) * d ** -0.5
+    probs = logits.softmax(-1)
+    mixed = torch.einsum("hij,jhd->ihd", probs, v).reshape(N, H * d)
+    cls_row = (probs if kind == "prob" else logits)[:, 0, :].mean(0)
+    return attn.proj(mixed), cls_row
+
+
+def _reference_sample(model, image, layers, keep_ratio, fuse, score, ranking=None):
+    """Logits of one image and, per reduction layer, the original patches still held as themselves."""
+    prefix = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
+    origin = [-2] * prefix + list(range(x.shape[0] - prefix))
+    held = {}
+    for i, block in enumerate(model.blocks):
+        out, cls_row = _cls_scores(block, x, "logit" if score == "logit" else "prob")
+        x = x + block.ls1(out)
+        n_img = x.shape[0] - prefix
+        left = math.ceil(keep_ratio * n_img)
+        if i in layers and left < n_img:
+            score_of = ranking(i, n_img) if score == "random" else cls_row[prefix:].tolist()
+            order = sorted(range(n_img), key=lambda j: -score_of[j])
+            keep, drop = order[:left], order[left:]
+            rows = list(range(prefix)) + [prefix + j for j in keep]
+            new_x, new_origin = [x[r] for r in rows], [origin[r] for r in rows]
+            if fuse:
+                new_x.append(sum(cls_row[prefix + j] * x[prefix + j] for j in drop))
+                new_origin.append(-1)
+            x, origin = torch.stack(new_x), new_origin
+            held[i] = sorted(o for o in origin if o >= 0)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return model.forward_head(model.norm(x[None]))[0], held
+
+
+def _reference(model, images, layers, keep_ratio, fuse=False, score="prob", ranking=None):
+    outs = [_reference_sample(model, im, layers, keep_ratio, fuse, score, ranking) for im in images]
+    return torch.stack([o[0] for o in outs]), [o[1] for o in outs]
+
+
+def _documented_ranking(seed):
+    """methods/random.py's documented ranking: a permutation from numpy's SeedSequence (seed, layer)."""
+    return lambda layer, n: list(np.random.default_rng([seed, layer]).permutation(n))
+
+
+VARIANTS = {  # method, options -> reference arguments
+    "evit": ("evit", {}, dict(fuse=True)),
+    "evit-nofuse": ("evit", {"fuse": False}, dict(fuse=False)),
+    "topk": ("topk", {}, dict(score="prob")),
+    "topk-logit": ("topk", {"score": "logit"}, dict(score="logit")),
+    "random": ("random", {"seed": 5}, dict(score="random", ranking=_documented_ranking(5))),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence with the reference
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model_name", ["cls", "distilled", "registers"])
+@pytest.mark.parametrize("keep_ratio", [0.9, 0.7, 0.5])
+def test_logits_match_reference(models, variant, model_name, keep_ratio):
+    name, options, ref_args = VARIANTS[variant]
+    stock = models[model_name]
+    images = random_images(2)
+    patched = patched_copy(stock, name, keep_ratio, **options)
+    with torch.no_grad():
+        got = patched(images)
+        want, _ = _reference(stock, images, patched.token_reduction.layers, keep_ratio, **ref_args)
+    assert (got - want).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("variant", ["evit", "topk-logit"])
+def test_unfused_attention_path_matches_reference(models, variant):
+    name, options, ref_args = VARIANTS[variant]
+    images = random_images(2, seed=1)
+    patched = patched_copy(models["distilled"], name, 0.6, fused_attn=False, **options)
+    with torch.no_grad():
+        want, _ = _reference(models["distilled"], images, patched.token_reduction.layers, 0.6, **ref_args)
+        assert (patched(images) - want).abs().max().item() < 1e-9
+
+
+def test_random_on_model_without_cls_token_matches_reference(models):
+    images = random_images(2, seed=2)
+    patched = patched_copy(models["gap"], "random", 0.6, seed=11)
+    with torch.no_grad():
+        want, _ = _reference(models["gap"], images, (3, 6, 9), 0.6, score="random",
+                             ranking=_documented_ranking(11))
+        assert (patched(images) - want).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_patch_state_matches_reference_selection(models, variant):
+    name, options, ref_args = VARIANTS[variant]
+    stock = models["distilled"]
+    images = random_images(3, seed=3)
+    patched = patched_copy(stock, name, 0.7, **options)
+    patched.token_reduction.state.trace = True
+    with torch.no_grad():
+        patched(images)
+        _, held = _reference(stock, images, (3, 6, 9), 0.7, **ref_args)
+    aux = patched.token_reduction.aux
+    assert sorted(aux["patch_state"]) == sorted(aux["kept"]) == [3, 6, 9]
+    rest = FUSED if ref_args.get("fuse") else DROPPED
+    for layer, state in aux["patch_state"].items():
+        assert state.shape == (3, 36) and state.dtype == torch.int8
+        for b in range(3):
+            kept = torch.nonzero(state[b] == KEPT).flatten().tolist()
+            assert kept == held[b][layer]
+            assert set(state[b].tolist()) <= {KEPT, rest}
+        # "kept": positions in the block's input; prefix first, then the kept image tokens
+        assert aux["kept"][layer][:, :2].tolist() == [[0, 1]] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity, batch independence, training
+
+@pytest.mark.parametrize("name", ["evit", "topk", "random"])
+@pytest.mark.parametrize("model_name", ["cls", "distilled"])
+def test_keep_ratio_one_is_the_stock_model(models, name, model_name):
+    images = random_images(2)
+    stock = models[model_name]
+    with torch.no_grad():
+        assert torch.equal(patched_copy(stock, name, 1.0)(images), stock(images))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_independence(models, variant):
+    name, options, _ = VARIANTS[variant]
+    images = random_images(4, seed=4)
+    patched = patched_copy(models["cls"], name, 0.5, **options)
+    with torch.no_grad():
+        whole = patched(images)
+        alone = torch.cat([patched(images[i:i + 1]) for i in range(4)])
+    assert (whole - alone).abs().max().item() < 1e-12
+
+
+def test_random_is_reproducible_per_seed_and_differs_across_seeds(models):
+    images = random_images(2, seed=5)
+    kept = {}
+    for seed in (0, 0, 1):
+        patched = patched_copy(models["cls"], "random", 0.5, seed=seed)
+        patched.token_reduction.state.trace = True
+        with torch.no_grad():
+            patched(images)
+        kept.setdefault(seed, []).append(patched.token_reduction.aux["kept"][3])
+    assert torch.equal(kept[0][0], kept[0][1])
+    assert not torch.equal(kept[0][0], kept[1][0])
+    assert torch.equal(kept[0][0][0], kept[0][0][1])  # one ranking for every sample
+
+
+def test_training_gathers_and_backpropagates_through_the_fused_token(models):
+    patched = patched_copy(models["cls"], "evit", 0.5)
+    patched.train()
+    out = patched(random_images(2, seed=6))
+    out.sum().backward()
+    aux = patched.token_reduction.aux  # recorded in training without tracing
+    assert [aux["kept"][i].shape[1] for i in (3, 6, 9)] == [1 + 18, 1 + 10, 1 + 6]
+    assert patched.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts and cost (methods.md §2.1, §8) on the real DeiT geometry
+
+@functools.lru_cache(maxsize=None)
+def _geometry(name):
+    with torch.device("meta"):
+        return Geometry.from_model(timm.create_model(name, pretrained=False))
+
+
+# §2.1: kept image tokens after blocks 3/6/9 (fuse on; the fused token not counted)
+EVIT_KEPT = {0.9: (177, 161, 146), 0.8: (157, 127, 103), 0.7: (138, 98, 70),
+             0.6: (118, 72, 44), 0.5: (98, 50, 26)}
+# §8: DeiT-S GMACs, EViT with / without the fused token
+EVIT_GMACS = {0.9: (4.022, 3.988), 0.8: (3.477, 3.444), 0.7: (3.029, 2.997),
+              0.6: (2.635, 2.608), 0.5: (2.309, 2.282)}
+
+
+@pytest.mark.parametrize("keep_ratio", EVIT_KEPT)
+def test_evit_kept_counts_on_deit(keep_ratio):
+    method = methods.build(_geometry("deit_small_patch16_224"), "evit", keep_ratio)
+    assert method.layers == (3, 6, 9)
+    blocks = method.schedule().blocks
+    assert tuple(blocks[i].n_mlp - 1 - 1 for i in (3, 6, 9)) == EVIT_KEPT[keep_ratio]
+    assert blocks[11].n_attn == EVIT_KEPT[keep_ratio][2] + 2
+    topk = methods.build(_geometry("deit_small_patch16_224"), "topk", keep_ratio).schedule().blocks
+    assert topk[3].n_mlp - 1 == EVIT_KEPT[keep_ratio][0]
+
+
+@pytest.mark.parametrize("keep_ratio", EVIT_GMACS)
+def test_evit_gmacs_on_deit_small(keep_ratio):
+    geometry = _geometry("deit_small_patch16_224")
+    fused = methods.build(geometry, "evit", keep_ratio).total_macs() / 1e9
+    unfused = methods.build(geometry, "evit", keep_ratio, fuse=False).total_macs() / 1e9
+    assert (round(fused, 3), round(unfused, 3)) == EVIT_GMACS[keep_ratio]
+    assert methods.build(geometry, "topk", keep_ratio).total_macs() / 1e9 == pytest.approx(unfused)
+
+
+def test_evit_gmacs_on_deit_base_and_tiny():
+    assert round(methods.build(_geometry("deit_base_patch16_224"), "evit", 0.7).total_macs() / 1e9, 2) == 11.61
+    tiny = [methods.build(_geometry("deit_tiny_patch16_224"), "evit", r).total_macs() / 1e9
+            for r in (0.9, 0.8, 0.7, 0.6, 0.5)]
+    assert [round(v, 3) for v in tiny] == [1.092, 0.942, 0.821, 0.715, 0.629]
+
+
+def test_default_layers_follow_depth():
+    geometry = _geometry("deit_small_patch16_224")
+    assert methods.build(geometry, "random", 0.5).layers == (3, 6, 9)
+    from dataclasses import replace
+    assert methods.build(replace(geometry, depth=16), "evit", 0.5).layers == (4, 8, 12)
+    assert methods.build(replace(geometry, depth=24), "topk", 0.5).layers == (6, 12, 18)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+def test_bad_options_name_the_value_and_the_valid_ones():
+    geometry = _geometry("deit_small_patch16_224")
+    with pytest.raises(MethodError, match=r"score='probs'.*prob, logit"):
+        methods.build(geometry, "topk", 0.5, score="probs")
+    with pytest.raises(MethodError, match=r"'fuse'.*valid: score"):
+        methods.build(geometry, "topk", 0.5, fuse=True)
+    with pytest.raises(MethodError, match=r"seed=-1"):
+        methods.build(geometry, "random", 0.5, seed=-1)
+
+
+def test_cls_scored_methods_refuse_a_model_without_cls_but_random_accepts_it(models):
+    for name in ("evit", "topk"):
+        with pytest.raises(MethodError, match="CLS"):
+            methods.build(models["gap"], name, 0.5)
+    assert methods.build(models["gap"], "random", 0.5).layers == (3, 6, 9)
