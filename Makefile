@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tokenbench-$(shell cksum requirements.txt | cut -d' ' -f1)
 
 .PHONY: demo test env clean-env
 demo: $(STAMP)
-	$(PY) run_all.py --methods idle,evit,topk,dynamicvit,tome,random --ratios 0.5,0.7
+	$(PY) run_all.py --methods idle,evit --ratios 0.5,0.7
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -77,7 +77,7 @@ def run(spec: JobSpec, run_dir: Path) -> dict:
                       progress=sys.stderr.isatty(), workers=workers)
     path = preds_path(run_dir, spec.key)
     buffer = io.BytesIO()
-    np.savez(buffer, labels=result["labels"], top5=result["top5_ids"])
+    np.savez_compressed(buffer, labels=result["labels"], top5=result["top5_ids"])
     atomic_write_bytes(path, buffer.getvalue())  # temp file in the folder + os.replace
     return dict(
         top1=result["top1"], top5=result["top5"], n_images=result["n_images"], preds_file=path.name,

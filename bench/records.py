@@ -79,6 +79,17 @@ def _git_commit() -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC ...") where Linux says it; platform.processor() only gives the ISA."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str = "cpu", dtype: str | None = None) -> dict:
     """Versions and machine facts every record carries."""
     import timm
@@ -94,7 +105,7 @@ def environment(device: str = "cpu", dtype: str | None = None) -> dict:
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
     else:
-        env["device_name"] = platform.processor() or platform.machine()
+        env["device_name"] = cpu_name()
     try:
         from timm.layers import use_fused_attn
 

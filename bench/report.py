@@ -25,6 +25,7 @@ import methods
 
 from . import stats
 from .records import preds_path, scan
+from .spec import GridError, load_grid
 
 BASELINE = "none"
 CONFIG = ["model", "checkpoint", "pretrained", "method", "options", "layers", "keep_ratio", "finetune_epochs"]
@@ -401,8 +402,33 @@ def write_report(run_dirs, out_dir=None, figures: bool = True, pictures: bool = 
     paths.update({f"figure:{k}": v for k, v in figure_paths.items()})
     paths["report"] = out / "report.md"
     paths["report"].write_text(
-        _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out))
+        _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out)
+        + _pending_markdown(run_dirs, tidy))
     return paths
+
+
+def pending_jobs(run_dirs, tidy: pd.DataFrame) -> list[tuple[str, str]]:
+    """(key, run) of every job in a run's grid.json that has no record yet: queued, running or lost.
+    A report built while jobs still run says so instead of passing the partial table off as whole."""
+    recorded = set(tidy["key"]) if "key" in tidy else set()
+    out = []
+    for run_dir in run_dirs:
+        try:
+            specs = load_grid(run_dir)
+        except GridError:  # a folder of records without a grid (merged or hand-made): nothing to compare
+            continue
+        out += [(spec.key, str(run_dir)) for spec in specs if spec.key not in recorded]
+    return out
+
+
+def _pending_markdown(run_dirs, tidy: pd.DataFrame) -> str:
+    pending = pending_jobs(run_dirs, tidy)
+    if not pending:
+        return ""
+    lines = ["## Pending jobs", "", f"{len(pending)} job(s) of the grid have no record yet "
+             "(queued, running, or lost: `python run_all.py --collect RUN` says which):", ""]
+    lines += [f"- `{key}` ({run})" for key, run in pending]
+    return "\n".join(lines) + "\n"
 
 
 def _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out: Path) -> str:

@@ -14,9 +14,9 @@ from .base import (  # noqa: F401
 
 # Registration: one line per method module (import order = order in tables and --help).
 from . import none  # noqa: E402,F401
-from . import dynamicvit  # noqa: E402,F401
 from . import idle  # noqa: E402,F401
 from . import evit  # noqa: E402,F401
 from . import topk  # noqa: E402,F401
-from . import random  # noqa: E402,F401
+from . import dynamicvit  # noqa: E402,F401
 from . import tome  # noqa: E402,F401
+from . import random  # noqa: E402,F401
