@@ -91,9 +91,18 @@ def _method_names(text: str) -> list[str]:
     return list(dict.fromkeys(methods.canonical_name(m) for m in items))  # MethodError names the valid ones
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default only where its help text does not already say it, and never 'None'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     grid = p.add_argument_group("grid")
     grid.add_argument("--methods", default=",".join(m for m in methods.available() if m != "none"),
                       help=f"comma list of {', '.join(methods.available())}; the unpatched baseline "

@@ -67,7 +67,8 @@ def _legend_outside(fig, axes) -> None:
                         bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write `path`.png (150 dpi) and `path`.pdf, close the figure, return the PNG path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
     fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
@@ -276,17 +277,17 @@ def write_figures(tidy: pd.DataFrame, summary: pd.DataFrame, out_dir) -> dict[st
         for x, xlabel, name in (("gmacs", "GMACs per image", "top1_vs_gmacs"),
                                 ("img_s", f"images / s{_throughput_conditions(summary, model)}", "top1_vs_throughput")):
             if {"top1", x} <= set(summary) and (summary["top1"].notna() & summary[x].notna()).any():
-                paths[f"{name} ({model})"] = _save(tradeoff(summary, x, xlabel, model), out_dir / f"{name}_{slug}")
+                paths[f"{name} ({model})"] = save_figure(tradeoff(summary, x, xlabel, model), out_dir / f"{name}_{slug}")
         if (tidy.get("metric") == "throughput").any():
-            paths[f"throughput_vs_batch ({model})"] = _save(throughput_vs_batch(tidy, model),
+            paths[f"throughput_vs_batch ({model})"] = save_figure(throughput_vs_batch(tidy, model),
                                                             out_dir / f"throughput_vs_batch_{slug}")
         if "tokens_per_block" in summary and summary["tokens_per_block"].map(lambda t: isinstance(t, list)).any():
-            paths[f"tokens_per_layer ({model})"] = _save(tokens_per_layer(summary, model),
+            paths[f"tokens_per_layer ({model})"] = save_figure(tokens_per_layer(summary, model),
                                                          out_dir / f"tokens_per_layer_{slug}")
     for option in varied_options(summary):
         for y, ylabel in (("top1", "Top-1 accuracy (%)"), ("gmacs", "GMACs per image")):
             if y in summary and summary[y].notna().any():
                 safe = option.replace("/", "_")
-                paths[f"ablation {option} ({y})"] = _save(ablation(summary, option, y, ylabel),
+                paths[f"ablation {option} ({y})"] = save_figure(ablation(summary, option, y, ylabel),
                                                          out_dir / f"ablation_{safe}_{y}")
     return paths

@@ -23,6 +23,8 @@ from matplotlib.patches import Patch  # noqa: E402
 
 import methods  # noqa: E402
 
+from .plots import save_figure  # noqa: E402
+
 # Overlay colour (RGBA) per patch state; kept patches are left clear so the image shows through.
 # Dropped is red, not black: Fashion-MNIST and many photos have dark backgrounds.
 STATE_COLOURS = {
@@ -213,13 +215,5 @@ def write_pictures(summary, out_dir, n_images: int = 3, target_ratio: float = 0.
                                    title=f"{name}: eval image {i} ({label})")
             stem = f"tokens_{model_name}_{Path(checkpoint).stem}" if checkpoint else f"tokens_{model_name}"
             path = Path(out_dir) / f"{stem.replace('/', '_')}_img{i}"
-            paths[f"token selection ({name}, image {i})"] = _save(fig, path)
+            paths[f"token selection ({name}, image {i})"] = save_figure(fig, path)
     return paths, skipped
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
-    return path.with_suffix(".png")

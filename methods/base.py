@@ -178,6 +178,12 @@ def rel_ceil(current_image_tokens: int, keep_ratio: float) -> int:
     return math.ceil(keep_ratio * current_image_tokens)
 
 
+def quarter_layers(depth: int) -> tuple[int, ...]:
+    """Blocks depth/4, depth/2, 3 depth/4: EViT's and DynamicViT's (3, 6, 9) for 12 blocks,
+    (4, 8, 12) for 16 and (5, 10, 15) for 20 (the official LV-ViT-S/M locations)."""
+    return (depth // 4, depth // 2, 3 * depth // 4)
+
+
 def stagewise_ratios(keep_ratio: float, layers: Sequence[int], layers_per_stage: int) -> list[float]:
     """IdleViT / DynamicViT: r, r, r, r^2, r^2, ... : stage s = position // layers_per_stage."""
     return [keep_ratio ** (i // layers_per_stage + 1) for i in range(len(layers))]

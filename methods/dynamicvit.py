@@ -19,8 +19,8 @@ from torch import nn
 
 from .attention import attention_logits, output_projection, project_qkv
 from .base import (
-    DROPPED, KEPT, BlockTokens, Method, Schedule, abs_floor, gather_tokens, register, stagewise_ratios,
-    standard_block_macs, swap_class,
+    DROPPED, KEPT, BlockTokens, Method, Schedule, abs_floor, gather_tokens, quarter_layers, register,
+    stagewise_ratios, standard_block_macs, swap_class,
 )
 
 
@@ -125,8 +125,7 @@ class DynamicViT(Method):
     summary = "learned MLP predictors drop tokens before 3 blocks (keep int(N0 * r^s) patches at stage s)"
     needs_cls = True
     count_rule = "abs_floor"
-    # Before blocks 3, 6, 9 of 12 (DeiT); 4, 8, 12 of 16 and 5, 10, 15 of 20 (the official LV-ViT-S/M).
-    layer_presets = {"official": lambda depth: (depth // 4, depth // 2, 3 * depth // 4)}
+    layer_presets = {"official": quarter_layers}  # pruning happens BEFORE these blocks
 
     def __init__(self, geometry, keep_ratio, layers, options):
         super().__init__(geometry, keep_ratio, layers, options)

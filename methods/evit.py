@@ -27,13 +27,8 @@ import torch
 from .attention import attend, cls_attention_probs, output_projection, project_qkv
 from .base import (
     DROPPED, FUSED, KEPT, BlockTokens, Method, MethodError, Option, Schedule, gather_tokens, register,
-    rel_ceil, swap_class,
+    quarter_layers, rel_ceil, swap_class,
 )
-
-
-def quarter_layers(depth: int) -> tuple[int, ...]:
-    """EViT's (3, 6, 9) for 12 blocks, as a function of depth."""
-    return (depth // 4, depth // 2, 3 * depth // 4)
 
 
 class PruningBlock:
