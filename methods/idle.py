@@ -91,8 +91,8 @@ class IdleViT(Method):
         n = g.num_tokens
         blocks = []
         for i in range(g.depth):
-            if i in self.keep_per_layer:
-                selected = g.num_prefix + self.keep_per_layer[i]
+            selected = g.num_prefix + self.keep_per_layer.get(i, g.num_patches)
+            if selected < n:  # a layer selecting every token runs the stock block (no scoring)
                 blocks.append(BlockTokens(n, selected, selected, n, "idle"))
             else:
                 blocks.append(BlockTokens(n, n, n, n))

@@ -70,13 +70,14 @@ def reference_logits(stock, predictors, image, layers, keep_counts):
     return stock.forward_head(stock.norm(x))[0], kept_per_stage
 
 
+@pytest.mark.parametrize("ratio", [0.9, 0.7, 0.5])
 @torch.no_grad()
-def test_eval_matches_per_sample_reference(stock_model):
-    model = patched(stock_model, 0.7).eval()
+def test_eval_matches_per_sample_reference(stock_model, ratio):
+    model = patched(stock_model, ratio).eval()
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     logits = model(images)
     n0 = stock_model.patch_embed.num_patches  # 16 at 64 px
-    expected_counts = [int(n0 * 0.7), int(n0 * 0.7 ** 2), int(n0 * 0.7 ** 3)]  # 11, 7, 5
+    expected_counts = [int(n0 * ratio), int(n0 * ratio ** 2), int(n0 * ratio ** 3)]  # 0.7: 11, 7, 5
     for b in range(len(images)):
         ref, counts = reference_logits(stock_model, model.score_predictor, images[b], [3, 6, 9], expected_counts)
         assert counts == expected_counts

@@ -280,6 +280,15 @@ def test_overhead_and_cheap_score_macs():
     assert math.isclose(saving, 0.042, abs_tol=0.0005)  # methods.md §10.2.1: 4.2 % at r = 0.7
 
 
+@pytest.mark.parametrize("options", [{}, dict(cheap_score=True)])
+def test_keep_ratio_one_costs_the_stock_model(options):
+    # At r = 1 every idle layer selects all tokens and the eval forward runs the stock block (no
+    # scoring), so the schedule must not charge the scoring overhead.
+    idle = methods.build(DEIT_S, "idle", 1.0, **options)
+    assert idle.total_macs() == methods.build(DEIT_S, "none").total_macs()
+    assert all(b.action == "" for b in idle.schedule().blocks)
+
+
 # ---------------------------------------------------------------------------------------------
 # User errors
 
