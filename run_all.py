@@ -172,6 +172,8 @@ def variants(names: list[str], layer_flags: list[str], option_flags: list[str]) 
         try:
             layers = tuple(int(i) for i in _items(text))
         except ValueError:
+            layers = ()
+        if not layers:  # 'evit=' would silently run the method with no reduction block at all
             raise CliError(f"argument --layers: {text!r} is not a comma list of block indices (e.g. 3,6,9)")
         layer_sets.setdefault(method, []).append(layers)
     option_values: dict[str, dict[str, list[str]]] = {}
@@ -194,15 +196,10 @@ def _skeleton(model_name: str):
     """The model's architecture on the meta device (no memory, no weights), or None for a name timm
     does not know (pre-flight names it with suggestions)."""
     import timm
-    import torch
 
-    if not timm.is_model(model_name):
-        return None
-    try:
-        with torch.device("meta"):
-            return timm.create_model(model_name, pretrained=False)
-    except Exception:  # a constructor that computes on its tensors: build it for real
-        return timm.create_model(model_name, pretrained=False)
+    from bench import validate
+
+    return validate.meta_model(model_name) if timm.is_model(model_name) else None
 
 
 def canonical_variants(model_names: list[str], ratios: list[float], wanted: list[Variant]) -> list[Variant]:
@@ -311,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.out) if args.out else Path("results") / time.strftime("%Y%m%d-%H%M%S")
             grid = merged_grid(run_dir, specs)
             # SLURM jobs run on other machines: this one (a login node) need not have their device.
-            validate.preflight(specs, run_dir, devices_here=launch.resolve_launcher(args.launcher) != "slurm")
+            launcher = launch.check_arguments(specs, args)  # launch flags, before anything is written
+            validate.preflight(specs, run_dir, devices_here=launcher != "slurm")
     except SystemExit as stop:  # --help
         return stop.code or 0
     except ValueError as exc:  # CliError, MethodError, ModelError, DataError, UsageError, GridError

@@ -6,7 +6,6 @@ from pathlib import Path
 import torch
 
 import methods
-from methods import flops as method_flops
 
 from .models import create_model, input_size
 from .spec import JobSpec
@@ -20,11 +19,11 @@ def run(spec: JobSpec, run_dir: Path) -> dict:
     methods.apply(model, spec.method, spec.keep_ratio, spec.layers, **spec.options())
     method = model.token_reduction
     shape = (1, *input_size(model))
-    fvcore = method_flops.fvcore_macs(model, shape)
+    fvcore = methods.flops.fvcore_macs(model, shape)
     description = method.describe()
     return dict(
-        gmacs=method_flops.analytic_macs(method, include_overhead=True) / 1e9,
-        gmacs_no_overhead=method_flops.analytic_macs(method, include_overhead=False) / 1e9,
+        gmacs=methods.flops.analytic_macs(method, include_overhead=True) / 1e9,
+        gmacs_no_overhead=methods.flops.analytic_macs(method, include_overhead=False) / 1e9,
         gmacs_fvcore=fvcore.total / 1e9,
         fvcore_gmacs_by_operator={op: macs / 1e9 for op, macs in sorted(fvcore.by_operator.items())},
         fvcore_unsupported=dict(fvcore.unsupported),

@@ -333,8 +333,14 @@ def _submit_slurm(todo: Sequence[JobSpec], run_dir: Path, args: argparse.Namespa
         # A fresh executor per array: update_parameters merges, so an earlier --exclusive would stick.
         executor = submitit.SlurmExecutor(folder=run_dir / LAUNCH_DIR / "slurm" / "%j")
         executor.update_parameters(job_name="tokenbench", **params)
-        with executor.batch():
-            jobs = [executor.submit(job_callable(spec), spec, str(run_dir), args.force) for spec in chunk]
+        try:
+            with executor.batch():
+                jobs = [executor.submit(job_callable(spec), spec, str(run_dir), args.force) for spec in chunk]
+        except submitit.core.utils.FailedJobError as exc:  # sbatch refused: no controller, bad partition, ...
+            _save_index(run_dir, "slurm", submitted)  # arrays already queued stay collectable
+            reason = next((line for line in str(exc).splitlines() if line.strip()), "sbatch failed")
+            raise LaunchError(f"--launcher slurm: {reason.strip()}; {len(submitted)} of {len(todo)} jobs "
+                              f"submitted; fix it and rerun, or gather them with --collect {run_dir}") from None
         submitted += zip(chunk, jobs)
     return submitted
 
@@ -381,12 +387,12 @@ def _with_lost(summary: RunSummary, lost: dict[str, str]) -> RunSummary:
     return summary
 
 
-def dispatch(specs: Sequence[JobSpec], run_dir, args: argparse.Namespace) -> RunSummary:
-    """Run `specs` into `run_dir` with the launcher `args.launcher` names; the summary of the grid.
-    `args` comes from a parser with `add_arguments` and run_all's --force and --retry-failed."""
+def check_arguments(specs: Sequence[JobSpec], args: argparse.Namespace) -> str:
+    """The launcher `args` resolve to, after the checks of the launch flags that need no cluster
+    (LaunchError), so that the CLI can reject them before it writes anything."""
     launcher = resolve_launcher(args.launcher)
     if launcher == "inline":
-        return run_inline(specs, run_dir, force=args.force, retry_failed=args.retry_failed)
+        return launcher
     if launcher == "local" and args.no_wait:
         raise LaunchError("--no-wait needs --launcher slurm: local jobs are started by this process as GPUs free up")
     parse_time_min(args.time)  # a bad --time is a user error before anything is submitted
@@ -394,6 +400,15 @@ def dispatch(specs: Sequence[JobSpec], run_dir, args: argparse.Namespace) -> Run
     if pinned:  # a job sees only the GPU it was given, as cuda:0
         raise LaunchError(f"--device {pinned[0]} with --launcher {launcher}: each job gets a GPU of its own; "
                           "valid: --device cuda")
+    return launcher
+
+
+def dispatch(specs: Sequence[JobSpec], run_dir, args: argparse.Namespace) -> RunSummary:
+    """Run `specs` into `run_dir` with the launcher `args.launcher` names; the summary of the grid.
+    `args` comes from a parser with `add_arguments` and run_all's --force and --retry-failed."""
+    launcher = check_arguments(specs, args)
+    if launcher == "inline":
+        return run_inline(specs, run_dir, force=args.force, retry_failed=args.retry_failed)
     run_dir = Path(run_dir).resolve()  # jobs start in the code snapshot, not here
     todo = plan(specs, run_dir, force=args.force, retry_failed=args.retry_failed)
     lost: dict[str, str] = {}

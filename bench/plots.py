@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import methods  # noqa: E402
 
-from .report import variant_label  # noqa: E402
+from .report import parse_options_text, variant_label  # noqa: E402
 
 BASELINE = "none"
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
@@ -200,7 +200,7 @@ def tokens_per_layer(summary: pd.DataFrame, model: str):
 
 def _parse_options(text) -> dict:
     """'fuse=False,r=8' (the report's options text) -> {'fuse': 'False', 'r': '8'}."""
-    return dict(p.split("=", 1) for p in str(text or "").split(",") if "=" in p)
+    return parse_options_text(text)
 
 
 def varied_options(summary: pd.DataFrame) -> list[str]:

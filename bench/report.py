@@ -48,6 +48,30 @@ def options_text(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
+def parse_options_text(text) -> dict[str, str]:
+    """The inverse of `options_text` ('fuse=False,r=[8, 8, 4]' -> {'fuse': 'False', 'r': '8,8,4'}):
+    commas inside a list value belong to it, and a list comes back in the comma spelling the
+    methods' option parsers take. ';' also separates (published.csv)."""
+    parts, depth, current = [], 0, ""
+    for char in str(text or ""):
+        depth += (char in "[(") - (char in "])")
+        if char in ",;" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    out = {}
+    for part in parts:
+        name, found, value = part.strip().partition("=")
+        if found:
+            value = value.strip()
+            if value[:1] in "[(" and value[-1:] in "])":
+                value = ",".join(v.strip() for v in value[1:-1].split(",") if v.strip())
+            out[name.strip()] = value
+    return out
+
+
 def _record_row(rec, run_dir: Path) -> dict:
     spec = rec.spec
     row = dict(
@@ -192,7 +216,7 @@ def load_published(path=None) -> pd.DataFrame:
 def _full_options(method: str, text) -> str:
     """Options with the method's defaults filled in and values in one spelling ('fuse=true'), so that
     a run with default options matches a published row that states them, and True matches 'true'."""
-    given = dict(p.strip().split("=", 1) for p in str(text or "").replace(";", ",").split(",") if "=" in p)
+    given = parse_options_text(text)
     try:
         declared = methods.get_method(method).options
         given = {k: opt.coerce(k, given.get(k, opt.default)) for k, opt in declared.items()}

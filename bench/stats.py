@@ -157,10 +157,18 @@ def pairwise_tests(summary, group_by: list[str], exclude_method: str | None = No
         measured = measured[measured["method"] != exclude_method]
     for _, group in measured.groupby([c for c in group_by if c in measured], dropna=False):
         members = list(group.itertuples())
+        loaded = {}  # each file once, not once per pair
+        for row in members:
+            try:
+                loaded[row.preds_path] = load_predictions(row.preds_path)
+            except StatsError:
+                pass
         for i, a in enumerate(members):
             for b in members[i + 1:]:
+                if a.preds_path not in loaded or b.preds_path not in loaded:
+                    continue  # an unreadable file: nothing to compare
                 try:
-                    res = paired_test(load_predictions(a.preds_path), load_predictions(b.preds_path), mid_p=mid_p)
+                    res = paired_test(loaded[a.preds_path], loaded[b.preds_path], mid_p=mid_p)
                 except StatsError:
                     continue  # different images: not comparable pairwise
                 rows.append(dict(model=a.model, keep_ratio=a.keep_ratio, a=getattr(a, "variant", a.method),

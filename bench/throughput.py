@@ -51,8 +51,10 @@ def measure(model: nn.Module, baseline: nn.Module, batch_size: int, device: str 
         except Exception as exc:
             if not is_out_of_memory(exc) or batch_size == 1:
                 raise
-            batch_size //= 2
-            _free_memory(device)
+        # Out of the except block: the exception's traceback holds the failed forward's frames (input,
+        # activations); only once it is gone can the allocator give that memory back.
+        batch_size //= 2
+        _free_memory(device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -158,7 +158,7 @@ def check_method(spec: JobSpec) -> None:
         methods.get_method(spec.method)
     except methods.MethodError as exc:
         raise UsageError(str(exc)) from exc
-    model = _meta_model(spec.model)
+    model = meta_model(spec.model)
     try:
         methods.build(model, spec.method, spec.keep_ratio, spec.layers, **spec.options())
     except methods.MethodError as exc:  # the model matters here (depth, CLS token): name it
@@ -166,7 +166,7 @@ def check_method(spec: JobSpec) -> None:
 
 
 @lru_cache(maxsize=None)
-def _meta_model(name: str) -> torch.nn.Module:
+def meta_model(name: str) -> torch.nn.Module:
     """The model's modules with meta tensors: its geometry at the cost of no memory and no init."""
     import timm
 

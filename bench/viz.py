@@ -24,6 +24,7 @@ from matplotlib.patches import Patch  # noqa: E402
 import methods  # noqa: E402
 
 from .plots import save_figure  # noqa: E402
+from .report import parse_options_text  # noqa: E402
 
 # Overlay colour (RGBA) per patch state; kept patches are left clear so the image shows through.
 # Dropped is red, not black: Fashion-MNIST and many photos have dark backgrounds.
@@ -162,7 +163,7 @@ def _build(row, model_name: str, checkpoint, pretrained: bool):
 
     pretrained = wants_pretrained(model_name, checkpoint, pretrained)
     model = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained)
-    opts = dict(p.split("=", 1) for p in str(row.get("options") or "").split(",") if "=" in p)
+    opts = parse_options_text(row.get("options"))
     layers = [int(i) for i in str(row.get("layers") or "").split(",") if i.strip()] or None
     return methods.apply(model, row["method"], keep_ratio=float(row["keep_ratio"]), layers=layers, **opts)
 

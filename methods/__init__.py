@@ -20,3 +20,5 @@ from . import topk  # noqa: E402,F401
 from . import dynamicvit  # noqa: E402,F401
 from . import tome  # noqa: E402,F401
 from . import random  # noqa: E402,F401
+
+from . import flops  # noqa: E402,F401  (package API: analytic MACs and the fvcore cross-check)

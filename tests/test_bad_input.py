@@ -105,9 +105,11 @@ def test_bad_grid_flag(capsys, out, argv, expected):
     (["--layers", f"evit=3,{DEPTH}"], [f"layer {DEPTH}", f"0..{DEPTH - 1}"]),
     (["--layers", "evit=3,3,6"], ["layer 3", "more than once"]),
     (["--layers", "evit=3,x"], ["'3,x'", "block indices"]),
+    (["--layers", "evit="], ["''", "block indices"]),
     (["--method-opt", "evit.fusee=true"], ["'fusee'", "valid:", "fuse"]),
     (["--method-opt", "evit.fuse=maybe"], ["fuse='maybe'", "bool", "valid: true, false"]),
-], ids=["layer-beyond-depth", "layer-duplicated", "layer-not-int", "unknown-option", "option-wrong-type"])
+], ids=["layer-beyond-depth", "layer-duplicated", "layer-not-int", "layers-empty", "unknown-option",
+        "option-wrong-type"])
 def test_bad_method_configuration(capsys, out, argv, expected):
     rc, lines = run_cli(capsys, out, "--metrics", "flops", "--methods", "evit", *argv)
     assert_one_line_error(rc, lines, *expected)
@@ -131,7 +133,10 @@ def test_cls_scored_method_on_model_without_cls_token(capsys, out):
     (["--limit", "0"], ["'0'", "positive integer"]),
     (["--dtype", "fp8"], ["'fp8'", "fp32", "bf16", "fp16"]),
     (["--device", "gpu"], ["'gpu'", "cpu"]),
-], ids=["batch-zero", "batch-negative", "throughput-batch-zero", "limit-zero", "unknown-dtype", "unknown-device"])
+    (["--launcher", "local", "--time", "xx"], ["'xx'", "[D-]HH:MM:SS"]),
+    (["--launcher", "local", "--no-wait"], ["--no-wait", "--launcher slurm"]),
+], ids=["batch-zero", "batch-negative", "throughput-batch-zero", "limit-zero", "unknown-dtype", "unknown-device",
+        "launch-time", "local-no-wait"])
 def test_bad_measurement_flag(capsys, out, argv, expected):
     argv = argv if "--metrics" in argv else ["--metrics", "flops", *argv]
     rc, lines = run_cli(capsys, out, *argv)

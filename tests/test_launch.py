@@ -255,3 +255,18 @@ def test_local_launcher_end_to_end(tmp_path):
     # Nothing to do the second time: finished jobs are not resubmitted.
     again = launch.dispatch(grid, tmp_path, parse("--launcher", "local"))
     assert sorted(again.skipped) == sorted(s.key for s in grid) and not again.done
+
+
+def test_sbatch_refusing_the_jobs_is_a_launch_error(tmp_path, monkeypatch):
+    """sbatch on PATH but no controller answering (a login node with a broken cluster, or --launcher
+    auto on a machine with slurm-client installed): one LaunchError line, not submitit's traceback."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm "
+                    "controller (connect failure)' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
+    run_dir = tmp_path / "run"
+    with pytest.raises(launch.LaunchError, match="Unable to contact slurm controller.*0 of 1 jobs"):
+        launch._submit_slurm([spec()], run_dir, parse("--launcher", "slurm", "--max-array-size", "10"))

@@ -221,3 +221,17 @@ def test_tokens_per_stage_and_rates():
     assert report.tokens_per_stage(list(range(50, 14, -3))) == "50→47→…→17 (12 stages)"
     assert report.tokens_per_stage(None) == ""
     assert report._fmt_rate(12345.6) == "12,346" and report._fmt_rate(0.4567) == "0.457"
+
+
+def test_options_text_round_trips_list_values():
+    """A per-block ToMe r list is written 'r=(8, 8, 4)' / 'r=[8, 8, 4]'; splitting that text at every
+    comma gave r='(8', which the token pictures then handed to methods.apply (MethodError, skipped)."""
+    import methods
+
+    tome = methods.get_method("tome").options["r"]
+    text = report.options_text({"prop_attn": True, "r": tome.coerce("r", "8,8,4")})
+    parsed = report.parse_options_text(text)
+    assert set(parsed) == {"prop_attn", "r"} and tome.coerce("r", parsed["r"]) == tome.coerce("r", "8,8,4")
+    assert report.parse_options_text("r=[2, 2],fuse=False") == {"r": "2,2", "fuse": "False"}
+    assert report.parse_options_text("fuse=false;r=8") == {"fuse": "false", "r": "8"}
+    assert report.parse_options_text("") == {}

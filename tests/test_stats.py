@@ -103,3 +103,13 @@ def test_pairwise_tests_only_within_groups(tmp_path):
     row = pairs.iloc[0]
     assert (row["a"], row["b"], row["a_only"], row["b_only"]) == ("x", "y", 1, 0)
     assert row["p_value"] == pytest.approx(0.5)  # n = 1 discordant: exact 2 * 1/2 = 1, mid-p 1 - 1/2
+
+
+def test_pairwise_tests_read_each_predictions_file_once(tmp_path, monkeypatch):
+    labels = np.zeros(8, np.int64)
+    paths = [str(write_preds(tmp_path / f"{i}.npz", labels, np.where(np.arange(8) < i, 1, 0))) for i in range(5)]
+    frame = pd.DataFrame(dict(model="m", method=list("abcde"), keep_ratio=0.5, preds_path=paths))
+    reads, load = [], stats.load_predictions
+    monkeypatch.setattr(stats, "load_predictions", lambda path: reads.append(path) or load(path))
+    assert len(stats.pairwise_tests(frame, group_by=["model", "keep_ratio"])) == 10
+    assert sorted(reads) == sorted(paths)  # 5 reads, not 2 per pair (20)

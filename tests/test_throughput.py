@@ -86,6 +86,28 @@ def test_out_of_memory_halves_the_batch_and_records_it(exc):
     assert r["input_shape"][0] == 4
 
 
+def test_out_of_memory_frees_the_failed_forwards_tensors_before_retrying(monkeypatch):
+    """The memory of the forward that ran out must be releasable when the smaller batch starts: the
+    exception (and with it the failed frames' tensors) must be gone before `_free_memory`."""
+    import weakref
+
+    model, baseline = tiny_pair()
+    original, held = model.forward, {}
+
+    def forward(x, *args, **kwargs):
+        if not held:
+            activations = torch.empty(1000)  # a local of the failing frame, as real activations are
+            held["ref"] = weakref.ref(activations)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return original(x, *args, **kwargs)
+
+    model.forward = forward
+    alive_at_free = []
+    monkeypatch.setattr(throughput, "_free_memory", lambda device: alive_at_free.append(held["ref"]() is not None))
+    assert throughput.measure(model, baseline, batch_size=8, **FAST)["batch_size"] == 4
+    assert alive_at_free == [False]
+
+
 def test_out_of_memory_keeps_halving_down_to_one_then_gives_up():
     model, baseline = tiny_pair()
     original = model.forward
