@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -20,18 +19,11 @@ from tqdm import tqdm
 import methods
 
 from .data import DataError, eval_dataset
-from .models import autocast, create_model, wants_pretrained
+from .models import autocast, create_model, seed_everything, wants_pretrained
 from .records import atomic_write_bytes, preds_path
 from .spec import EMBEDDED_DATA, JobSpec
 
 TOPK = 5
-
-
-def seed_everything(seed: int) -> None:
-    """One seed for model init, method modules (DynamicViT predictors) and forward-time sampling (random)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 @torch.inference_mode()

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import random
 import socket
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import timm
 import timm.data
 import torch
@@ -55,6 +57,13 @@ def tokenbench_vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransform
 
 class ModelError(ValueError):
     """A model name, checkpoint or pretrained-weights request that cannot be honoured."""
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for model init, method modules (DynamicViT predictors) and forward-time sampling (random)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def create_model(name: str, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,

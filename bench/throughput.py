@@ -24,8 +24,7 @@ from torch import nn
 
 import methods
 
-from .accuracy import seed_everything
-from .models import autocast, create_model, input_size
+from .models import autocast, create_model, input_size, seed_everything
 from .spec import JobSpec
 
 # CPU defaults keep a default run (embedded model, ~7 configs x batch sizes 1 and 64) near a minute.
