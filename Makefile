@@ -1,6 +1,7 @@
 # Two commands do all the set-up (each builds the virtual environment first if it is missing):
-#   make demo   run the main job on the embedded default (Fashion-MNIST + the shipped ViT, CPU, minutes)
+#   make demo   run the main job on the embedded default (the shipped Fashion-MNIST test split and ViT, CPU, minutes)
 #   make test   run the test suite
+# Neither needs a dataset package or the network once the environment is built: the data is in bench/assets/.
 # The environment lives outside the checkout so clones share it; VENV=... puts it elsewhere.
 VENV ?= $(HOME)/.cache/tokenbench/venv
 PYTHON ?= python3

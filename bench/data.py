@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from functools import partial
 from pathlib import Path
@@ -20,13 +21,29 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-# Debian's dataset-fashion-mnist package, then torchvision's download folder.
+# The embedded default's data ships with the project (bench/assets/fashion-mnist/README.md): the whole
+# test split and the first 20,000 images of the train split, each file checked against its sha256.
+SHIPPED_FASHION_MNIST = Path(__file__).resolve().parent / "assets" / "fashion-mnist"
+SHIPPED_SHA256 = {
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    "train20k-images-idx3-ubyte.gz": "8dd254dfb93a3533453a496b8e4fa2aa5d71d50f218059cdfa411c265ef3eecd",
+    "train20k-labels-idx1-ubyte.gz": "2d783d6a6842beb5ab8fb6c20fd6db40a55a723a6adb5ed7122982083dfe0369",
+}
+_SHIPPED_SPLITS = {
+    "train": ("train20k-images-idx3-ubyte.gz", "train20k-labels-idx1-ubyte.gz"),  # a subset: the first 20,000
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# A full copy (all 60,000 training images, for scripts/train_embedded.py): the folder named by
+# $TOKENBENCH_FASHION_MNIST, Debian's dataset-fashion-mnist package, or torchvision's download folder.
+FULL_COPY_ENV = "TOKENBENCH_FASHION_MNIST"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_ROOT = Path(os.environ.get("TOKENBENCH_CACHE", Path.home() / ".cache" / "tokenbench"))
 _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_verified: set[Path] = set()  # shipped files whose sha256 matched, in this process
 
 
 class DataError(ValueError):
@@ -36,9 +53,12 @@ class DataError(ValueError):
 def _read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped): magic 0x0000 + dtype 0x08 (ubyte) + ndim, then big-endian dims."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path} cannot be read: {exc}") from exc
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
@@ -55,44 +75,87 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def fashion_mnist_dir(download: bool = True) -> Path:
-    """The folder holding the Fashion-MNIST IDX files: Debian's package, else torchvision's download."""
-    candidates = []
-    if os.environ.get("TOKENBENCH_FASHION_MNIST"):
-        candidates.append(Path(os.environ["TOKENBENCH_FASHION_MNIST"]))
-    candidates += [DEBIAN_FASHION_MNIST, TORCHVISION_ROOT / "FashionMNIST" / "raw"]
-    for folder in candidates:
-        if all(_find_idx(folder, f) for files in _SPLIT_FILES.values() for f in files):
-            return folder
-    if download:
-        try:
-            from torchvision.datasets import FashionMNIST
+def shipped_file(name: str) -> Path:
+    """One of the shipped Fashion-MNIST files, its sha256 checked on first use (about 10 ms for all four)."""
+    path = SHIPPED_FASHION_MNIST / name
+    if path in _verified:
+        return path
+    restore = "restore it from the repository (git checkout -- bench/assets/fashion-mnist)"
+    if not path.is_file():
+        raise DataError(f"shipped Fashion-MNIST file {path} is missing; {restore}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SHIPPED_SHA256[name]:
+        raise DataError(f"shipped Fashion-MNIST file {path} is damaged (sha256 {digest[:12]}..., expected "
+                        f"{SHIPPED_SHA256[name][:12]}..., {path.stat().st_size} bytes); {restore}")
+    _verified.add(path)
+    return path
 
-            FashionMNIST(str(TORCHVISION_ROOT), train=False, download=True)
-            FashionMNIST(str(TORCHVISION_ROOT), train=True, download=True)
-        except Exception as exc:  # no network, no package: say where we looked
-            raise DataError(
-                "Fashion-MNIST not found in "
-                + ", ".join(str(c) for c in candidates)
-                + f" and torchvision could not download it ({exc}). Install Debian's "
-                "'dataset-fashion-mnist' package or pass --data-dir."
-            ) from exc
-        return fashion_mnist_dir(download=False)
-    raise DataError("Fashion-MNIST not found in " + ", ".join(str(c) for c in candidates))
+
+def fashion_mnist_dir(download: bool = False) -> Path:
+    """The folder the embedded default's data is read from: the shipped files, checked.
+
+    Nothing is downloaded (`download` is accepted for old callers and ignored). A full copy of
+    Fashion-MNIST, for training, is `full_fashion_mnist_dir()`."""
+    for name in _SHIPPED_SPLITS["test"]:
+        shipped_file(name)
+    return SHIPPED_FASHION_MNIST
+
+
+def full_fashion_mnist_dir() -> Path:
+    """A folder with the full Fashion-MNIST train split (60,000 images) as Zalando's IDX files.
+
+    $TOKENBENCH_FASHION_MNIST when set (and then only it), else Debian's dataset-fashion-mnist
+    package, else torchvision's download folder; a DataError saying where to get one otherwise."""
+    stems = _SPLIT_FILES["train"]
+    if os.environ.get(FULL_COPY_ENV):
+        folder = Path(os.environ[FULL_COPY_ENV]).expanduser()
+        missing = [stem for stem in stems if _find_idx(folder, stem) is None]
+        if missing:
+            raise DataError(f"{FULL_COPY_ENV}={folder} has no {' and no '.join(s + '(.gz)' for s in missing)} "
+                            "(Zalando's full train split files)")
+        return folder
+    candidates = [DEBIAN_FASHION_MNIST, TORCHVISION_ROOT / "FashionMNIST" / "raw"]
+    for folder in candidates:
+        if all(_find_idx(folder, stem) for stem in stems):
+            return folder
+    raise DataError(
+        "the full Fashion-MNIST train split is not in " + " or ".join(str(c) for c in candidates)
+        + "; install Debian's 'dataset-fashion-mnist' package, or put Zalando's train-images-idx3-ubyte.gz "
+        f"and train-labels-idx1-ubyte.gz (https://github.com/zalandoresearch/fashion-mnist) in a folder "
+        f"and set {FULL_COPY_ENV} to it")
+
+
+def fashion_mnist_files(split: str = "test", folder: Path | None = None) -> tuple[Path, Path]:
+    """The (images, labels) files of one split: the shipped ones (checked) unless `folder` is given."""
+    if split not in _SPLIT_FILES:
+        raise DataError(f"unknown Fashion-MNIST split {split!r}; valid: {', '.join(_SPLIT_FILES)}")
+    if folder is None:
+        return tuple(shipped_file(name) for name in _SHIPPED_SPLITS[split])
+    folder = Path(folder).expanduser()
+    image_file, label_file = (_find_idx(folder, stem) for stem in _SPLIT_FILES[split])
+    if image_file is None or label_file is None:
+        raise DataError(f"{folder} has no Fashion-MNIST {split} files ({' and '.join(_SPLIT_FILES[split])}, "
+                        "optionally .gz)")
+    return image_file, label_file
 
 
 def load_fashion_mnist(split: str = "test", folder: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64 of one split ('train' or 'test')."""
-    if split not in _SPLIT_FILES:
-        raise DataError(f"unknown Fashion-MNIST split {split!r}; valid: {', '.join(_SPLIT_FILES)}")
-    folder = Path(folder) if folder is not None else fashion_mnist_dir()
-    image_file, label_file = (_find_idx(folder, stem) for stem in _SPLIT_FILES[split])
-    if image_file is None or label_file is None:
-        raise DataError(f"{folder} has no Fashion-MNIST {split} files")
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of one split ('train' or 'test').
+
+    Without `folder`: the shipped files, the same on every machine: the 10,000 test images, or for
+    'train' the first 20,000 training images. With `folder` (e.g. `full_fashion_mnist_dir()`): that
+    folder's IDX files under Zalando's names, all 60,000 training images for a full copy."""
+    image_file, label_file = fashion_mnist_files(split, folder)
     images, labels = _read_idx(image_file), _read_idx(label_file)
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{image_file.parent}: images {images.shape} do not match labels {labels.shape}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def shipped_source(split: str = "test") -> str:
+    """The shipped files a split is read from, for records: repository paths with sha256 prefixes."""
+    return ", ".join(f"bench/assets/fashion-mnist/{name} (sha256 {SHIPPED_SHA256[name][:12]})"
+                     for name in _SHIPPED_SPLITS[split])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,10 +207,10 @@ def eval_dataset(data: str, model: torch.nn.Module, limit: int | None = None) ->
     transform = timm.data.create_transform(**config)
     mode = _pil_mode(config["input_size"][0])
     if data == EMBEDDED_DATA:
-        images, labels = load_fashion_mnist("test")
+        images, labels = load_fashion_mnist("test")  # the shipped files, sha256 checked
         dataset = FashionMNISTImages(images, labels, mode, transform)
         order = list(range(len(dataset)))
-        source = str(fashion_mnist_dir(download=False))
+        source = shipped_source("test")
     else:
         root = check_folder(data)
         dataset = ImageFolder(str(root), transform=transform, loader=partial(load_image, mode=mode),
@@ -160,8 +223,7 @@ def eval_dataset(data: str, model: torch.nn.Module, limit: int | None = None) ->
 def check_data(data: str) -> str:
     """Pre-flight without a model: the data can be found; returns a one-line description of it."""
     if data == EMBEDDED_DATA:
-        folder = fashion_mnist_dir()
-        return f"Fashion-MNIST test split ({len(load_fashion_mnist('test', folder)[1])} images) from {folder}"
+        return f"Fashion-MNIST test split ({len(load_fashion_mnist('test')[1])} images) from {shipped_source('test')}"
     root = check_folder(data)
     with os.scandir(root) as scan:
         classes = [entry.name for entry in scan if entry.is_dir()]

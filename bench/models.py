@@ -7,6 +7,7 @@ import random
 import socket
 import sys
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_MODEL = "tokenbench_vit_fmnist"
+from .spec import EMBEDDED_MODEL  # noqa: E402  (the name lives with the specs, which need no torch)
 EMBEDDED_CHECKPOINT = ASSETS / f"{EMBEDDED_MODEL}.safetensors"
 
 # The embedded default: DeiT-style (CLS token, qkv bias, token pooling) with 12 blocks so every
@@ -90,6 +91,51 @@ def wants_pretrained(name: str, checkpoint, pretrained: bool) -> bool:
     return bool(pretrained) or (checkpoint is None and _arch_name(name) == EMBEDDED_MODEL)
 
 
+def weights_of(spec) -> str:
+    """Where a job's weights come from, for its record: finetuned, checkpoint:<path>, pretrained,
+    or random-init (only when the user opted in with --random-weights; pre-flight refuses it otherwise)."""
+    if spec.finetune:
+        return "finetuned"
+    if spec.checkpoint is not None:
+        return f"checkpoint:{spec.checkpoint}"
+    return "pretrained" if wants_pretrained(spec.model, spec.checkpoint, spec.pretrained) else "random-init"
+
+
+def check_weights(spec) -> None:
+    """Pre-flight of a job whose numbers depend on the weights (accuracy): trained weights are named,
+    or the user asked for random ones. A 1000-class head at random init scores 0 % on any data, and
+    that must never pass for a result."""
+    if weights_of(spec) == "random-init" and not spec.random_weights:
+        raise ModelError(f"model {spec.model!r} has no trained weights in this grid; valid: --checkpoint FILE, "
+                         "--pretrained, the embedded model, or --random-weights to measure an untrained model "
+                         "on purpose")
+    if spec.checkpoint is not None:
+        check_checkpoint(spec.model, spec.checkpoint)
+    elif wants_pretrained(spec.model, spec.checkpoint, spec.pretrained):
+        check_pretrained_available(spec.model)
+
+
+def check_pretrained_available(name: str) -> None:
+    """Pre-flight of pretrained weights: a local file that is there and fits, or a download that can
+    happen (the hub answers) or has happened (the file is in the Hugging Face cache). Offline without
+    a cached copy is one line now, not a failure per job later."""
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    local_file = getattr(cfg, "file", None) if cfg is not None else None
+    if local_file:
+        if not Path(local_file).is_file():
+            how = " (make it with: python scripts/train_embedded.py)" if _arch_name(name) == EMBEDDED_MODEL else ""
+            raise ModelError(f"pretrained weights of {name!r} are missing: {local_file}{how}; "
+                             "valid: that file, or --checkpoint FILE")
+        check_checkpoint(name, local_file)
+        return
+    if cfg is None or not (getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None)):
+        raise ModelError(f"timm has no pretrained weights for {name!r}; valid: --checkpoint FILE")
+    if _in_hub_cache(cfg) or _hub_reachable(_hub_endpoint()):
+        return
+    raise ModelError(f"cannot get pretrained weights for {name!r}: the hub cannot be reached and they are "
+                     "not cached; download them elsewhere and pass --checkpoint FILE")
+
+
 def check_model_name(name: str) -> None:
     if not isinstance(name, str) or not timm.is_model(name):
         close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
@@ -100,15 +146,37 @@ def check_model_name(name: str) -> None:
 def check_checkpoint(name: str, path) -> None:
     """Pre-flight: the file exists, reads, and fits the model's parameter names and shapes.
 
-    The model is built on the meta device (no memory, no init), so this is cheap for any size."""
+    The model is built on the meta device (no memory, no init); the file is read once per model and
+    version of the file however many jobs name it."""
     check_model_name(name)
+    try:
+        stat = Path(path).stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None  # read_checkpoint says what is wrong with it
+    _check_checkpoint(name, str(Path(path).resolve()), version)
+
+
+@lru_cache(maxsize=64)
+def _check_checkpoint(name: str, path: str, version) -> None:
     state_dict = read_checkpoint(path)
+    model = skeleton(name)
+    _check_fits(model, _filter(model, state_dict, path), path)
+
+
+@lru_cache(maxsize=None)
+def skeleton(name: str) -> nn.Module:
+    """The model's modules with meta tensors: its geometry at the cost of no memory and no init.
+    Shared and cached: callers read it, never run or change it."""
+    check_model_name(name)
     try:
         with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False)
+            return timm.create_model(name, pretrained=False)
     except Exception:  # a constructor that computes on its tensors: build it for real
-        model = timm.create_model(name, pretrained=False)
-    _check_fits(model, _filter(model, state_dict, path), path)
+        try:
+            return timm.create_model(name, pretrained=False)
+        except Exception as exc:
+            raise ModelError(f"model {name!r} cannot be built ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def read_checkpoint(path) -> dict[str, torch.Tensor]:
@@ -131,10 +199,12 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def load_weights(model: nn.Module, state_dict: dict, source) -> None:
+def load_weights(model: nn.Module, state_dict: dict, source, convert: bool = True) -> None:
     """Load a state dict through the model family's timm filter (pos-embed and patch resizing, foreign
-    layouts), after checking that names and shapes fit, so a mismatch is one line that lists them."""
-    state_dict = _filter(model, state_dict, source)
+    layouts), after checking that names and shapes fit, so a mismatch is one line that lists them.
+    `convert=False` for our own checkpoints of the very same (patched) model: nothing to convert."""
+    if convert:
+        state_dict = _filter(model, state_dict, source)
     _check_fits(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
@@ -196,6 +266,27 @@ def _create_pretrained(name: str, **kwargs) -> nn.Module:
     except Exception as exc:
         raise ModelError(f"cannot get pretrained weights for {name!r} ({type(exc).__name__}: {_first_line(exc)}); "
                          "offline? download them elsewhere and pass --checkpoint FILE") from None
+
+
+def _hub_endpoint() -> str:
+    import huggingface_hub.constants as hub
+
+    return hub.ENDPOINT
+
+
+def _in_hub_cache(cfg) -> bool:
+    """Whether timm's pretrained file for `cfg` is already in the local Hugging Face cache."""
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = repo.partition("@")
+    for filename in (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin",
+                     "open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
+        if filename and isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+            return True
+    return False
 
 
 def _hub_offline():

@@ -1,6 +1,8 @@
-"""Records: one JSON file per finished job, written atomically, safe under concurrent writers.
+"""The run folder on disk: the grid, one JSON record per job, written atomically, safe under
+concurrent writers, readable by colleagues (files follow the umask, as every other tool's do).
 
 Layout of a run folder:
+    results/<run>/grid.json                  every job the run asked for, and where its code came from
     results/<run>/records/<key>.json         a finished job: spec, metrics, environment
     results/<run>/records/<key>.error.json   a failed job: spec, error message, traceback
     results/<run>/records/<key>.preds.npz    per-image predictions of an accuracy job (labels, top-5 ids)
@@ -9,19 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .spec import JobSpec
 
-SCHEMA = 1
+SCHEMA = 2  # 1: before job kinds (a "metric" field and no provenance); not readable, say so
 RECORDS_DIR = "records"
+GRID_FILE = "grid.json"
 
 
 def records_dir(run_dir: str | os.PathLike) -> Path:
@@ -45,6 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a shared run folder must be readable
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -58,6 +59,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
 
@@ -68,51 +75,6 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def cpu_name() -> str:
-    """The CPU model ("AMD EPYC ...") where Linux says it; platform.processor() only gives the ISA."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str = "cpu", dtype: str | None = None) -> dict:
-    """Versions and machine facts every record carries."""
-    import timm
-    import torch
-
-    env = dict(
-        torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-        host=socket.gethostname(), platform=platform.platform(), threads=torch.get_num_threads(),
-        device=device, dtype=dtype, git_commit=_git_commit(),
-        slurm_job_id=os.environ.get("SLURM_JOB_ID"), slurm_array_task_id=os.environ.get("SLURM_ARRAY_TASK_ID"),
-    )
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device_name"] = cpu_name()
-    try:
-        from timm.layers import use_fused_attn
-
-        env["fused_attn"] = bool(use_fused_attn())
-    except ImportError:
-        pass
-    return env
 
 
 def write_record(run_dir, spec: JobSpec, metrics: dict, env: dict, started: float) -> Path:
@@ -162,8 +124,11 @@ def read_record(path: Path) -> Record:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise RecordError(f"{path}: not a schema-{SCHEMA} record")
+    if not isinstance(data, dict) or "schema" not in data:
+        raise RecordError(f"{path}: not a tokenbench record")
+    if data["schema"] != SCHEMA:
+        raise RecordError(f"{path}: record version {data['schema']} (this tokenbench reads version {SCHEMA}); "
+                          "rerun the job, or report it with the tokenbench that wrote it")
     try:
         spec = JobSpec.from_dict(data["spec"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -199,3 +164,42 @@ def scan(run_dir) -> tuple[dict[str, Record], dict[str, Record], list[str]]:
     for key in set(done) & set(failed):
         failed.pop(key)
     return done, failed, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid: every job a run folder was asked for, so that --collect and reports know what is missing.
+
+class GridError(ValueError):
+    """A run folder without a usable grid.json."""
+
+
+def save_grid(run_dir, specs: Sequence[JobSpec], provenance: dict | None = None) -> Path:
+    path = Path(run_dir) / GRID_FILE
+    atomic_write_json(path, dict(schema=SCHEMA, provenance=provenance or {}, specs=[s.to_dict() for s in specs]))
+    return path
+
+
+def load_grid(run_dir) -> list[JobSpec]:
+    return _read_grid(run_dir)[0]
+
+
+def grid_provenance(run_dir) -> dict:
+    return _read_grid(run_dir)[1]
+
+
+def _read_grid(run_dir) -> tuple[list[JobSpec], dict]:
+    path = Path(run_dir) / GRID_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"{run_dir} has no {GRID_FILE}; valid: a run folder written by run_all.py") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GridError(f"{path} is unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        version = data.get("schema") if isinstance(data, dict) else None
+        raise GridError(f"{path} is a version-{version} grid (this tokenbench reads version {SCHEMA}); "
+                        "valid: a run folder written by this version of run_all.py")
+    try:
+        return [JobSpec.from_dict(d) for d in data["specs"]], dict(data.get("provenance") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GridError(f"{path}: bad job spec ({exc})") from None

@@ -1,30 +1,28 @@
 """Pre-flight: check a whole grid before anything is written, so a typo costs a message, not a run.
 
 `preflight(specs, run_dir)` raises `UsageError` (a ValueError) with one line naming the bad value and
-the valid ones. It is run by run_all.py before the run folder exists. Checks, cheapest first:
-- job fields: metric, dtype, batch size, image limit, device string;
+the valid ones. `bench.grid.plan` runs it after it has built every method configuration against its
+model (so methods, options, layers and ratios are checked there). Checks here, cheapest first:
+- job fields: kind, dtype, batch size, image limit, device string;
 - models: every name is a timm model (closest names suggested otherwise);
-- methods: every method / option / layer list / keep ratio against the model's geometry, through
-  `methods.build` on a model built once per name on the meta device (no weights, no forward);
-- local files: checkpoints (`bench.models.check_checkpoint`), the embedded model's committed weights
-  when an accuracy job loads them, eval data (`bench.data.check_data`);
+- each kind's own checks (`JobKind.validate`): an accuracy job's weights, data and class count, a
+  throughput job's knobs, ...;
 - the device: it exists here and can run the dtype (a tiny autocast probe of the ops a ViT uses);
-- the output folder can be written (a probe file in it or its nearest existing parent, removed).
+- the output folder can be created and written.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-import methods
-
-from . import data, models
-from .spec import DTYPES, METRICS, JobSpec
+from . import jobs, models
+from .spec import DTYPES, JobSpec
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -47,15 +45,13 @@ def preflight(specs: Sequence[JobSpec], run_dir, devices_here: bool = True) -> N
         if devices_here:
             check_device(spec.device)
     for name in _unique(s.model for s in specs):
-        check_model_name(name)
-    for spec in _unique_by(specs, lambda s: (s.model, s.method, s.keep_ratio, s.layers, s.method_options)):
-        check_method(spec)
-    for name, checkpoint in _unique((s.model, s.checkpoint) for s in specs if s.checkpoint is not None):
-        _wrap(models.check_checkpoint, name, checkpoint)
-    for name in _unique(s.model for s in specs if s.metric == "acc" and _loads_pretrained(s)):
-        check_local_pretrained(name)
-    for source in _unique(s.data for s in specs if s.metric == "acc"):
-        _wrap(data.check_data, source)
+        _wrap(models.check_model_name, name)
+    # A kind's own checks read the weights, data and knobs, not the method configuration (grid.plan
+    # built every configuration against its model already): once per job without its method.
+    for spec in _unique_by(specs, lambda s: replace(s, method="none", keep_ratio=1.0, layers=None, method_options=())):
+        check = jobs.get(spec.kind).validate
+        if check is not None:
+            _wrap(check, spec)
     if devices_here:
         for device, dtype in _unique((s.device, s.dtype) for s in specs):
             check_dtype_runs(device, dtype)
@@ -66,8 +62,10 @@ def preflight(specs: Sequence[JobSpec], run_dir, devices_here: bool = True) -> N
 # Job fields
 
 def check_fields(spec: JobSpec) -> None:
-    if spec.metric not in METRICS:
-        raise UsageError(f"unknown metric {spec.metric!r}; valid: {', '.join(METRICS)}")
+    try:
+        jobs.get(spec.kind)
+    except jobs.UnknownKind as exc:
+        raise UsageError(str(exc)) from None
     if spec.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {spec.dtype!r}; valid: {', '.join(DTYPES)}")
     if not _is_positive_int(spec.batch_size):
@@ -146,68 +144,18 @@ def _dtype_error(device: str, dtype: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Models and methods
-
-def check_model_name(name: str) -> None:
-    _wrap(models.check_model_name, name)  # a timm name, with the closest ones suggested
-
-
-def check_method(spec: JobSpec) -> None:
-    """The method, its options, layers and keep ratio fit the model (no weights, no forward)."""
-    try:
-        methods.get_method(spec.method)
-    except methods.MethodError as exc:
-        raise UsageError(str(exc)) from exc
-    model = meta_model(spec.model)
-    try:
-        methods.build(model, spec.method, spec.keep_ratio, spec.layers, **spec.options())
-    except methods.MethodError as exc:  # the model matters here (depth, CLS token): name it
-        raise UsageError(f"{exc} (model {spec.model})") from exc
-
-
-@lru_cache(maxsize=None)
-def meta_model(name: str) -> torch.nn.Module:
-    """The model's modules with meta tensors: its geometry at the cost of no memory and no init."""
-    import timm
-
-    try:
-        with torch.device("meta"):
-            return timm.create_model(name, pretrained=False)
-    except Exception:  # a model whose constructor computes on its tensors: build it for real
-        try:
-            return timm.create_model(name, pretrained=False)
-        except Exception as exc:
-            raise UsageError(f"model {name!r} cannot be built ({type(exc).__name__}: {exc})") from exc
-
-
-# ---------------------------------------------------------------------------------------------
 # Files and folders
 
-def _loads_pretrained(spec: JobSpec) -> bool:
-    return spec.checkpoint is None and models.wants_pretrained(spec.model, spec.checkpoint, spec.pretrained)
-
-
-def check_local_pretrained(name: str) -> None:
-    """Pretrained weights that timm reads from a local file (the embedded model's) are there and fit.
-    Weights timm downloads are not checked here: that needs the network, and the job says it clearly."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
-    local_file = getattr(cfg, "file", None) if cfg is not None else None
-    if not local_file:
-        return
-    if not Path(local_file).is_file():
-        embedded = name.split(".")[0] == models.EMBEDDED_MODEL
-        how = " (make it with: python scripts/train_embedded.py)" if embedded else ""
-        raise UsageError(f"pretrained weights of {name!r} are missing: {local_file}{how}; "
-                         "valid: that file, or --checkpoint FILE")
-    _wrap(models.check_checkpoint, name, local_file)
-
-
 def check_output_dir(run_dir) -> None:
-    """The run folder can be created and written: a probe file in it or in its nearest existing
-    parent, removed at once. A probe rather than os.access, which says yes to root everywhere."""
+    """The run folder can be created and written: no path component longer than the file system
+    allows, and a probe file in it or in its nearest existing parent, removed at once (a probe rather
+    than os.access, which says yes to root everywhere)."""
     path = Path(run_dir).absolute()
+    limit = _name_max(next(p for p in path.parents if _exists(p)))
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if too_long is not None:  # before any stat of the path, which would fail with ENAMETOOLONG
+        raise UsageError(f"output dir {str(run_dir)[:60]!r}...: the name {too_long[:40]!r}... has "
+                         f"{len(os.fsencode(too_long))} bytes; valid: folder names of at most {limit} bytes")
     if path.exists() and not path.is_dir():
         raise UsageError(f"output dir {str(run_dir)!r} is a file; valid: a folder (existing or new) you can write")
     folder = path
@@ -223,6 +171,20 @@ def check_output_dir(run_dir) -> None:
     except OSError as exc:
         raise UsageError(f"output dir {str(run_dir)!r} is not writable ({exc.strerror} in {str(folder)!r}); "
                          "valid: a folder (existing or new) you can write") from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _wrap(check, *args) -> None:

@@ -4,13 +4,17 @@
     methods.available()                       # ['none', 'idle', 'evit', ...]
     methods.apply(model, "evit", keep_ratio=0.7, fuse=False)
     model.token_reduction.schedule()           # tokens per block, before any forward
+    methods.canonical_config("idle", 12, layers=range(3, 12))   # (None, {}): the default spelled out
 
 A new method is one module defining a `@register`ed `Method` subclass plus one import line below.
 """
 from .base import (  # noqa: F401
-    AUX_KINDS, DROPPED, FUSED, IDLE, KEPT, BlockTokens, Geometry, Method, MethodError, Option, Schedule,
-    apply, available, build, canonical_name, get_method, register,
+    DROPPED, FUSED, IDLE, KEPT, BlockTokens, CanonicalConfig, Method, Schedule,
+    apply, available, build, canonical_config, canonical_name, get_method, register,
 )
+from .errors import MethodError  # noqa: F401
+from .geometry import Geometry  # noqa: F401
+from .options import Option  # noqa: F401
 
 # Registration: one line per method module (import order = order in tables and --help).
 from . import none  # noqa: E402,F401

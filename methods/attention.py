@@ -57,7 +57,7 @@ def cls_attention_probs(attn: nn.Module, q_cls: torch.Tensor, k: torch.Tensor,
     """Softmax attention of the CLS query over all keys, per head: (B, H, N).
 
     Recomputing just this row costs B*H*N*d, so the full attention can stay on the fused SDPA path
-    (methods.md §10.2.2) while EViT / Top-K still read the CLS probabilities.
+    (docs/methods.md#attention-kernels) while EViT / Top-K still read the CLS probabilities.
     q_cls: (B, H, 1, d)."""
     logits = attention_logits(attn, q_cls, k)
     if bias is not None:

@@ -1,4 +1,4 @@
-"""The method interface: geometry of a timm ViT, options, count rules, schedules, and `apply`.
+"""The method interface: options, count rules, schedules, the registry and `apply`.
 
 A method is a `Method` subclass that
 - declares its name, aliases, options, default reduction layers and count rule,
@@ -7,16 +7,21 @@ A method is a `Method` subclass that
   blocks get their `__class__` swapped to a subclass whose `forward` does the method, and
 - adds its own overhead to the analytic multiply-accumulate count (`block_macs`).
 
-Everything here is model-agnostic: no 196, no 224, no model-name parsing.
+Everything here is model-agnostic: no 196, no 224, no model-name parsing; what a model looks like
+is read by `methods.geometry`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import nn
+
+from .errors import MethodError
+from .geometry import Geometry, standard_block_macs, stock_type
+from .options import Option, validate_options
 
 # Per-forward auxiliary outputs kept on the model (`model.token_reduction.aux[kind][block_index]`).
 # Recorded only while `model.token_reduction.state.trace` is on or the model is training, so
@@ -29,116 +34,7 @@ from torch import nn
 #   "idle_mask"   (B, N) float   IdleViT: 1 = selected in this layer, 0 = idle (prefix always 1)
 #   "attn_logits" (B, H, N, N)   IdleViT training: raw, unmasked attention logits for the token-cut loss
 #   "decision"    (B, N0) float  DynamicViT training: the stage's hard keep decision per original patch
-AUX_KINDS = ("patch_state", "patch_group", "kept", "idle_mask", "attn_logits", "decision")
 KEPT, IDLE, DROPPED, FUSED = 0, 1, 2, 3  # values of "patch_state"
-
-
-class MethodError(ValueError):
-    """Bad user input to a method (unknown name or option, bad ratio, incompatible model)."""
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What the methods need to know about a timm ViT, read off the live model."""
-
-    num_patches: int  # N0: image tokens at the input (grid_h * grid_w)
-    num_prefix: int  # CLS + distillation + register tokens, always first in the sequence
-    has_cls: bool  # the CLS token is at position 0
-    depth: int
-    dim: int
-    num_heads: int
-    attn_dim: int  # num_heads * head_dim (== dim for every DeiT/ViT)
-    mlp_hidden: int
-    patch_area_chans: int  # in_chans * patch_h * patch_w, for the stem's MACs
-    num_classes: int
-    num_heads_out: int  # classifier heads (2 for distilled DeiT)
-
-    @property
-    def head_dim(self) -> int:
-        return self.attn_dim // self.num_heads
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix + self.num_patches
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> "Geometry":
-        from timm.models.vision_transformer import VisionTransformer
-
-        if not isinstance(model, VisionTransformer):
-            raise MethodError(
-                f"token reduction patches timm VisionTransformer models; got {type(model).__name__}"
-            )
-        block = model.blocks[0]
-        attn = block.attn
-        proj = model.patch_embed.proj
-        grid = model.patch_embed.grid_size
-        heads = 1 + int(getattr(model, "head_dist", None) is not None)
-        return cls(
-            num_patches=int(grid[0] * grid[1]),
-            num_prefix=int(model.num_prefix_tokens),
-            has_cls=model.cls_token is not None,
-            depth=len(model.blocks),
-            dim=int(model.embed_dim),
-            num_heads=int(attn.num_heads),
-            attn_dim=int(attn.num_heads * attn.head_dim),
-            mlp_hidden=int(block.mlp.fc1.out_features),
-            patch_area_chans=int(proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]),
-            num_classes=int(getattr(model, "num_classes", 0)),
-            num_heads_out=heads,
-        )
-
-
-@dataclass(frozen=True)
-class Option:
-    """One method option: its default, type and meaning. Values from the CLI arrive as strings."""
-
-    default: Any
-    type: type
-    help: str
-    choices: tuple | None = None
-
-    def coerce(self, name: str, value: Any) -> Any:
-        try:
-            value = _coerce(self.type, value)
-        except (TypeError, ValueError):
-            raise MethodError(
-                f"option {name}={value!r} is not a {self.type.__name__}" + self._choices_hint()
-            ) from None
-        if self.choices is not None and value not in self.choices:
-            raise MethodError(f"option {name}={value!r} is not valid" + self._choices_hint())
-        return value
-
-    def _choices_hint(self) -> str:
-        if self.type is bool and not self.choices:  # say what the CLI accepts for a flag
-            return "; valid: true, false"
-        return f"; valid: {', '.join(map(str, self.choices))}" if self.choices else ""
-
-
-def _coerce(kind: type, value: Any) -> Any:
-    if value is None:
-        return None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(value)
-    if kind in (int, float):
-        if isinstance(value, bool):
-            raise TypeError(value)
-        number = kind(value)
-        if kind is int and isinstance(value, float) and value != number:
-            raise ValueError(value)
-        return number
-    if kind is tuple:  # a list of ints, e.g. per-layer ToMe r: "8,8,4" or (8, 8, 4)
-        if isinstance(value, str):
-            value = [v for v in value.replace(";", ",").split(",") if v.strip()]
-        return tuple(int(v) for v in value)
-    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -166,7 +62,7 @@ class Schedule:
 
 
 # ---------------------------------------------------------------------------------------------
-# Count rules (methods.md §10.1). Counts are of *image* tokens; prefix tokens are added by callers.
+# Count rules (docs/methods.md#count-rules). Counts are of *image* tokens; prefix tokens are added by callers.
 
 def abs_floor(num_patches: int, ratio: float) -> int:
     """IdleViT / DynamicViT: K = int(N0 * ratio), absolute w.r.t. the input patch count, floored."""
@@ -189,20 +85,6 @@ def stagewise_ratios(keep_ratio: float, layers: Sequence[int], layers_per_stage:
     return [keep_ratio ** (i // layers_per_stage + 1) for i in range(len(layers))]
 
 
-def standard_block_macs(g: Geometry, n_attn: int, n_mlp: int) -> int:
-    """A stock pre-norm block (methods.md §8): qkv + q k^T + A v + proj on n_attn tokens, MLP on n_mlp.
-
-    12 n D^2 + 2 n^2 D for DeiT; norms, softmax and GELU are not counted (the field's convention).
-    """
-    attn = n_attn * g.dim * 3 * g.attn_dim + 2 * n_attn * n_attn * g.attn_dim + n_attn * g.attn_dim * g.dim
-    return attn + 2 * n_mlp * g.dim * g.mlp_hidden
-
-
-def stem_head_macs(g: Geometry) -> int:
-    """Patch embedding (a linear map per patch) and the classifier head(s)."""
-    return g.num_patches * g.patch_area_chans * g.dim + g.num_heads_out * g.dim * g.num_classes
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers the method modules share.
 
@@ -217,7 +99,8 @@ def swap_class(module: nn.Module, mixin: type, name: str | None = None) -> None:
     The subclass keeps every parameter and buffer, so state dicts and `.to()` are untouched.
     """
     base = type(module)
-    cls = type(name or f"{mixin.__name__}{base.__name__}", (mixin, base), {})
+    # `_stock_class` lets the geometry check see the timm class behind a patched module.
+    cls = type(name or f"{mixin.__name__}{base.__name__}", (mixin, base), {"_stock_class": stock_type(module)})
     module.__class__ = cls
 
 
@@ -270,6 +153,21 @@ class Method:
             )
         return tuple(cls.layer_presets[preset](depth))
 
+    @classmethod
+    def resolve_layers(cls, depth: int, options: dict) -> tuple[int, ...]:
+        """The reduction layers used when none are given, for validated `options`: the first preset.
+        A method whose options pick among its presets overrides this."""
+        return cls.default_layers(depth)
+
+    @classmethod
+    def canonical_config(cls, depth: int, layers: Sequence[int] | None, options: dict) -> "CanonicalConfig":
+        """One spelling per configuration: layers None when they are the default ones for `depth` and
+        the options, and only the options that differ from their defaults (values coerced)."""
+        opts = validate_options(cls.options, options, cls.name)
+        chosen = validate_layers(cls, layers, depth, opts)
+        differing = {k: v for k, v in opts.items() if v != cls.options[k].coerce(k, cls.options[k].default)}
+        return CanonicalConfig(None if chosen == cls.resolve_layers(depth, opts) else chosen, differing)
+
     def schedule(self) -> Schedule:
         """Token counts per block. The base: nothing is reduced."""
         n = self.geometry.num_tokens
@@ -282,14 +180,15 @@ class Method:
         return standard_block_macs(self.geometry, tokens.n_attn, tokens.n_mlp)
 
     def total_macs(self, include_overhead: bool = True) -> int:
-        """Stem + blocks + head. Without overhead: only what stock blocks on the scheduled tokens cost,
-        the convention of papers that leave a method's own overhead out (methods.flops)."""
+        """Stem + blocks + head (an attention-pool head on the tokens leaving the last block). Without
+        overhead: only what stock blocks on the scheduled tokens cost, the convention of papers that
+        leave a method's own overhead out (methods.flops)."""
         g, sched = self.geometry, self.schedule()
         if include_overhead:
             blocks = (self.block_macs(i, bt) for i, bt in enumerate(sched.blocks))
         else:
             blocks = (standard_block_macs(g, bt.n_attn, bt.n_mlp) for bt in sched.blocks)
-        return stem_head_macs(g) + sum(blocks)
+        return g.stem_macs + sum(blocks) + g.head_cost(sched.blocks[-1].n_out)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """New modules the method adds (e.g. DynamicViT predictors), by name on the model."""
@@ -361,18 +260,10 @@ def canonical_name(name: str) -> str:
     return get_method(name).name
 
 
-def validate_options(cls: type[Method], options: dict) -> dict:
-    """Fill defaults, reject unknown names, coerce types. Returns a plain dict in declared order."""
-    unknown = sorted(set(options) - set(cls.options))
-    if unknown:
-        valid = ", ".join(cls.options) or "(none)"
-        raise MethodError(f"unknown option {unknown[0]!r} for method {cls.name}; valid: {valid}")
-    return {k: opt.coerce(k, options.get(k, opt.default)) for k, opt in cls.options.items()}
-
-
-def validate_layers(cls: type[Method], layers: Sequence[int] | None, depth: int, preset: str | None) -> tuple[int, ...]:
+def validate_layers(cls: type[Method], layers: Sequence[int] | None, depth: int, options: dict) -> tuple[int, ...]:
+    """Block indices, sorted; the method's default ones (for these validated options) when None."""
     if layers is None:
-        return cls.default_layers(depth, preset)
+        return cls.resolve_layers(depth, options)
     try:
         out = tuple(int(i) for i in layers)
     except (TypeError, ValueError):
@@ -404,12 +295,11 @@ def build(model_or_geometry, name: str, keep_ratio: float = 1.0, layers: Sequenc
     if cls.needs_cls and not g.has_cls:
         raise MethodError(
             f"method {cls.name} scores tokens by the CLS token, but this model has none "
-            "(global average pooling); use a model with a class token or a method that needs none "
+            "(it pools its image tokens); use a model with a class token or a method that needs none "
             f"({', '.join(n for n, c in _REGISTRY.items() if not c.needs_cls)})"
         )
-    opts = validate_options(cls, options)
-    preset = opts.get("preset")
-    return cls(g, validate_keep_ratio(keep_ratio), validate_layers(cls, layers, g.depth, preset), opts)
+    opts = validate_options(cls.options, options, cls.name)
+    return cls(g, validate_keep_ratio(keep_ratio), validate_layers(cls, layers, g.depth, opts), opts)
 
 
 def apply(model: nn.Module, name: str, keep_ratio: float = 1.0, layers: Sequence[int] | None = None,
@@ -428,3 +318,17 @@ def apply(model: nn.Module, name: str, keep_ratio: float = 1.0, layers: Sequence
     model.token_reduction = method
     swap_class(model, _ReducedModelMixin, f"{type(method).__name__}{type(model).__name__}")
     return model
+
+
+class CanonicalConfig(NamedTuple):
+    layers: tuple[int, ...] | None  # None: the method's default layers for that depth and options
+    options: dict  # only the options that differ from their defaults, coerced
+
+
+def canonical_config(name: str, depth: int, layers: Sequence[int] | None = None, **options) -> CanonicalConfig:
+    """The canonical spelling of a method configuration on a model of `depth` blocks, so that equal
+    configurations compare equal: `layers=(3, ..., 11)` for IdleViT on 12 blocks (its default) gives
+    layers None like no layers, and `fuse=True` for EViT (its default) gives no option, like none.
+    Raises MethodError for an unknown method or option, a value of the wrong type or outside its
+    choices, or a layer outside 0..depth-1 (checks that need the model are left to `build`)."""
+    return get_method(name).canonical_config(int(depth), layers, options)

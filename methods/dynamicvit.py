@@ -1,11 +1,11 @@
-"""DynamicViT (Rao et al., NeurIPS 2021) as a patch over a stock timm ViT (methods.md §3).
+"""DynamicViT (Rao et al., NeurIPS 2021) as a patch over a stock timm ViT (docs/methods.md#dynamicvit).
 
 A small MLP predictor per pruning location scores the image tokens that are still alive; the
 block at that location and every later one see fewer tokens.
 - Eval: before each pruning block keep the K_s = int(N0 * r^s) tokens with the highest keep
   log-probability (absolute w.r.t. the input patch count N0, floored), drop the rest for good.
 - Training: keep every token; Gumbel-softmax straight-through decisions, multiplied by the
-  previous stage's, gate every block's attention through the policy softmax (§3.3), so the
+  previous stage's, gate every block's attention through the policy softmax (docs/methods.md#dynamicvit-training-path), so the
   gradient reaches the predictors. The decisions are recorded as aux "decision" for the ratio loss.
 
 The predictors live on the model as `score_predictor` (the official checkpoint's name), so
@@ -20,12 +20,13 @@ from torch import nn
 from .attention import attention_logits, output_projection, project_qkv
 from .base import (
     DROPPED, KEPT, BlockTokens, Method, Schedule, abs_floor, gather_tokens, quarter_layers, register,
-    stagewise_ratios, standard_block_macs, swap_class,
+    stagewise_ratios, swap_class,
 )
+from .geometry import standard_block_macs
 
 
 class PredictorLG(nn.Module):
-    """Local-global keep/drop predictor (methods.md §3.1).
+    """Local-global keep/drop predictor (docs/methods.md#dynamicvit-predictor).
 
     Submodule names (`in_conv`, `out_conv`) and layer order follow the official checkpoint, so a
     released `score_predictor.<stage>.*` state dict loads unchanged.
@@ -77,7 +78,7 @@ def new_predictor(dim: int, seed: int) -> PredictorLG:
 
 def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Softmax over keys where dropped keys (policy 0) are invisible to every query but their own
-    (methods.md §3.3). Multiplicative rather than an additive -inf mask, so the straight-through
+    (docs/methods.md#dynamicvit-training-path). Multiplicative rather than an additive -inf mask, so the straight-through
     gradient reaches the decisions. In fp32 for stability, as in the official code.
 
     logits (B, H, N, N), policy (B, N, 1) -> attention weights (B, H, N, N).
@@ -157,7 +158,7 @@ class DynamicViT(Method):
         return Schedule(tuple(blocks))
 
     def predictor_macs(self, index: int, tokens: BlockTokens) -> int:
-        """The predictor at a pruning block runs on the image tokens entering it (methods.md §8)."""
+        """The predictor at a pruning block runs on the image tokens entering it (docs/methods.md#method-overheads)."""
         if tokens.action != "prune":
             return 0
         return self.predictors[self.stage_of[index]].macs(tokens.n_in - self.geometry.num_prefix)

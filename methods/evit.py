@@ -1,5 +1,5 @@
 """EViT (Liang et al., ICLR 2022, youweiliang/evit): keep the image tokens the CLS token attends to
-most, fuse the rest into one token (methods.md §2).
+most, fuse the rest into one token (docs/methods.md#evit).
 
 At each reduction block, after attention and its residual and before the MLP:
 
@@ -26,9 +26,12 @@ import torch
 
 from .attention import attend, cls_attention_probs, output_projection, project_qkv
 from .base import (
-    DROPPED, FUSED, KEPT, BlockTokens, Method, MethodError, Option, Schedule, gather_tokens, register,
-    quarter_layers, rel_ceil, swap_class,
+    DROPPED, FUSED, KEPT, BlockTokens, Method, Schedule, gather_tokens, register, quarter_layers, rel_ceil,
+    swap_class,
 )
+from .errors import MethodError
+from .geometry import standard_block_macs
+from .options import Option
 
 
 class PruningBlock:
@@ -82,6 +85,20 @@ class TokenPruning(Method):
             else:
                 blocks.append(BlockTokens(n_in, n_in, n_in, n_in))
         return Schedule(tuple(blocks))
+
+    def block_macs(self, index: int, tokens: BlockTokens) -> int:
+        """The stock block on its tokens plus, at a reducing block, the method's own matrix products:
+        the CLS query's attention row q0 K^T over the n_in tokens (recomputed beside the fused
+        attention, docs/methods.md#attention-kernels; methods scored by CLS attention only) and, when fusing, the
+        fused token's mat-vec over the current image tokens. Both are counted (docs/methods.md#method-overheads); the overhead-free count leaves them out."""
+        g = self.geometry
+        macs = standard_block_macs(g, tokens.n_attn, tokens.n_mlp)
+        if tokens.action in ("prune", "fuse"):
+            if self.needs_cls:
+                macs += tokens.n_in * g.attn_dim
+            if self.fuses:
+                macs += (tokens.n_in - g.num_prefix) * g.dim
+        return macs
 
     # --- patching -------------------------------------------------------------------------------
     def patch_block(self, block, index: int) -> None:

@@ -1,11 +1,12 @@
-"""Multiply-accumulate counts: the analytic model of methods.md §8 and an fvcore cross-check.
+"""Multiply-accumulate counts: the analytic model of docs/methods.md#cost-model and an fvcore cross-check.
 
 Both count one multiply-add as one operation ("GFLOPs" in the token-reduction papers are GMACs)
 and both count only matrix products: linear layers, the patch-embedding convolution, q k^T and
 A v. Norms, softmax, GELU and element-wise ops count zero; fvcore's LayerNorm handle is switched
-off for that reason (it would add ~0.2 % on DeiT-S). The two then agree to the MAC on stock DeiT-S
-and DynamicViT, and to ~0.03 % where a method's analytic cost leaves a tiny matmul out (EViT's
-recomputed CLS attention row).
+off for that reason (it would add ~0.2 % on DeiT-S). With each method's own matrix products in its
+analytic overhead (IdleViT's scoring, EViT's recomputed CLS row and fused token, DynamicViT's
+predictors, ToMe's matching), the two agree to the MAC for every method on every architecture
+`Geometry.from_model` accepts; it refuses the ones the analytic model does not cover.
 """
 from __future__ import annotations
 

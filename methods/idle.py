@@ -1,12 +1,13 @@
-"""IdleViT: token idling (methods.md §1).
+"""IdleViT: token idling (docs/methods.md#idlevit).
 
 In every idle layer the CLS query scores all image tokens; the top K take part in the block
-(attention among themselves only, then the MLP) and are written back in place; the rest are "idle":
-they skip the block untouched and are scored again by the next idle layer, so nothing is dropped.
+(attention among themselves only, then the MLP) and are written back to their positions; the rest
+are "idle": they skip the block untouched and are scored again by the next idle layer, so nothing
+is dropped.
 
 - Eval path (the official `test=True` path): gathers the selected tokens, so the block really runs
   on prefix + K tokens. As in the official code, K is projected for all N tokens to score them and
-  q, v only for the selected ones; `cheap_score=True` scores with u = W_k^T q0 instead (§10.2.1).
+  q, v only for the selected ones; `cheap_score=True` scores with u = W_k^T q0 instead (docs/methods.md#idlevit-cheap-scoring).
 - Training path (the official mask path): full attention with -1e5 on idle key columns and masked
   residuals; it records the raw logits for `token_cut_loss`.
 
@@ -24,9 +25,11 @@ from torch import nn
 
 from .attention import attend, attention_logits, output_projection, project_qkv
 from .base import (
-    IDLE, KEPT, BlockTokens, ForwardState, Method, MethodError, Option, Schedule, abs_floor,
-    gather_tokens, register, stagewise_ratios, swap_class,
+    IDLE, KEPT, BlockTokens, CanonicalConfig, ForwardState, Method, Schedule, abs_floor, gather_tokens,
+    register, stagewise_ratios, swap_class,
 )
+from .errors import MethodError
+from .options import Option
 
 # The official additive mask on idle key columns; exp(-1e5) is exactly 0 in fp32, so selected
 # queries see exactly the selected keys, as in the gather path.
@@ -45,6 +48,15 @@ def _main_layers(depth: int) -> range:
     Officially 8 layers index a 9-entry ratio list r,r,r,r^2,r^2,r^2,r^3,r^3,r^3, i.e. stages of 3,
     which ceil(8 / 3) reproduces."""
     return range(depth // 3, depth)
+
+
+def stage_length(layers_per_stage: int | None, num_layers: int) -> int:
+    """Idle layers per keep-ratio stage: as given, or ceil(num_layers / 3) (three stages)."""
+    if layers_per_stage is None:
+        return max(1, math.ceil(num_layers / NUM_STAGES))
+    if layers_per_stage < 1:
+        raise MethodError(f"option layers_per_stage={layers_per_stage} is not valid; valid: an integer >= 1")
+    return layers_per_stage
 
 
 @dataclass(frozen=True)
@@ -75,14 +87,30 @@ class IdleViT(Method):
     }
     layer_presets = {"infer": _infer_layers, "main": _main_layers}
 
+    @classmethod
+    def resolve_layers(cls, depth: int, options: dict) -> tuple[int, ...]:
+        return cls.default_layers(depth, options["preset"])
+
+    @classmethod
+    def canonical_config(cls, depth, layers, options) -> CanonicalConfig:
+        """`preset` only picks the default layers, so the canonical form names the layers by the first
+        preset that yields them (no option for the default `infer`) and drops the preset when the
+        layers are explicit; `layers_per_stage` equal to its default ceil(len(layers) / 3) is dropped."""
+        explicit, opts = super().canonical_config(depth, layers, options)
+        default_preset = next(iter(cls.layer_presets))
+        preset = opts.pop("preset", default_preset)
+        chosen = cls.default_layers(depth, preset) if explicit is None else explicit
+        if opts.get("layers_per_stage") is not None:
+            if stage_length(opts["layers_per_stage"], len(chosen)) == stage_length(None, len(chosen)):
+                del opts["layers_per_stage"]
+        for name in cls.layer_presets:
+            if chosen == cls.default_layers(depth, name):
+                return CanonicalConfig(None, opts if name == default_preset else dict(opts, preset=name))
+        return CanonicalConfig(chosen, opts)
+
     def __init__(self, geometry, keep_ratio, layers, options):
         super().__init__(geometry, keep_ratio, layers, options)
-        per_stage = options.get("layers_per_stage")
-        if per_stage is None:
-            per_stage = max(1, math.ceil(len(layers) / NUM_STAGES))
-        elif per_stage < 1:
-            raise MethodError(f"option layers_per_stage={per_stage} is not valid; valid: an integer >= 1")
-        self.layers_per_stage = per_stage
+        self.layers_per_stage = per_stage = stage_length(options.get("layers_per_stage"), len(layers))
         ratios = stagewise_ratios(keep_ratio, layers, per_stage)
         self.keep_per_layer = {i: abs_floor(geometry.num_patches, r) for i, r in zip(layers, ratios)}
 
@@ -99,10 +127,10 @@ class IdleViT(Method):
         return Schedule(tuple(blocks))
 
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
-        """A stock block on the n selected tokens plus the scoring overhead (methods.md §8).
+        """A stock block on the n selected tokens plus the scoring overhead (docs/methods.md#method-overheads).
 
         Official path: q0 (D^2), K for the other N - n tokens ((N - n) D^2) and the CLS logits
-        q0.k_j (N D), i.e. N D^2 + D^2 + N D + 11 n D^2 + 2 n^2 D per DeiT idle block; the §8 table
+        q0.k_j (N D), i.e. N D^2 + D^2 + N D + 11 n D^2 + 2 n^2 D per DeiT idle block; the reference table
         includes the N D term that its formula line leaves out. cheap_score: q0 and u = W_k^T q0
         (2 D^2) and x_j.u (N D), then q, k, v for the selected as in a stock block."""
         g = self.geometry
@@ -227,11 +255,10 @@ class IdleBlock:
         selected = selected + self.drop_path1(self.ls1(out))
         selected = selected + self.drop_path2(self.ls2(self.mlp(self.norm2(selected))))
 
-        # Write back in place (idle tokens stay bit-identical); out of place when autograd records.
-        index = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        if torch.is_grad_enabled():
-            return x.scatter(1, index, selected)
-        return x.scatter_(1, index, selected)
+        # Write back out of place: `x` belongs to the caller (a forward hook or forward_intermediates
+        # may hold it as the previous block's output). One copy of x, as a stock block's residual add
+        # allocates anyway; idle tokens are copied bit for bit.
+        return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), selected)
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The official training path: every token is projected and attends, but idle keys are
@@ -256,7 +283,7 @@ class IdleBlock:
 
 
 # ---------------------------------------------------------------------------------------------
-# Token cut loss (methods.md §1.4)
+# Token cut loss (docs/methods.md#idlevit-token-cut-loss)
 
 
 def bug_compat_layers(num_layers: int) -> list[int]:

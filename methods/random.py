@@ -1,4 +1,4 @@
-"""Random keep-K: the Top-K baseline with a random ranking instead of the CLS attention (methods.md §5).
+"""Random keep-K: the Top-K baseline with a random ranking instead of the CLS attention (docs/methods.md#random-keep-k).
 
 Same layers and count rule as Top-K (ceil(keep_ratio * current image tokens), dropped, no fusion),
 so it needs no CLS token. The ranking at reduction block `l` is one fixed random permutation of the
@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import MethodError, Option, register
+from .base import register
+from .errors import MethodError
 from .evit import TokenPruning
+from .options import Option
 
 
 @register

@@ -1,5 +1,5 @@
 """ToMe (Bolya et al., ICLR 2023, facebookresearch/ToMe): merge r tokens per block by bipartite soft
-matching on the keys (methods.md §4.1).
+matching on the keys (docs/methods.md#tome-algorithm).
 
 In every reduction block, after attention and its residual and before the MLP:
 1. metric = keys averaged over heads, L2-normalised;
@@ -31,10 +31,10 @@ import math
 import torch
 
 from .attention import attend, output_projection, project_qkv
-from .base import (
-    FUSED, KEPT, BlockTokens, Method, MethodError, Option, Schedule, gather_tokens, register,
-    standard_block_macs, swap_class,
-)
+from .base import FUSED, KEPT, BlockTokens, Method, Schedule, gather_tokens, register, swap_class
+from .errors import MethodError
+from .geometry import standard_block_macs
+from .options import Option
 
 
 class MergeCount(Option):

@@ -1,4 +1,4 @@
-"""Top-K: EViT without the fused token (methods.md §5; Haurum et al., ICCVW 2023).
+"""Top-K: EViT without the fused token (docs/methods.md#top-k; Haurum et al., ICCVW 2023).
 
 Same layers (depth//4, depth//2, 3*depth//4), same ceil count rule and same place in the block as
 EViT; the inattentive image tokens are simply dropped. Option `score` picks what ranks them:
@@ -8,7 +8,8 @@ EViT; the inattentive image tokens are simply dropped. Option `score` picks what
 from __future__ import annotations
 
 from .attention import attention_logits
-from .base import Option, register
+from .base import register
+from .options import Option
 from .evit import EViT
 
 

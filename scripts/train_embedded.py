@@ -2,6 +2,10 @@
 
     python scripts/train_embedded.py            # the recipe that produced bench/assets/*.safetensors
 
+Needs the full Fashion-MNIST train split (60,000 images; the repository ships only the first 20,000):
+$TOKENBENCH_FASHION_MNIST, else Debian's dataset-fashion-mnist package, else torchvision's download
+folder (see bench.data.full_fashion_mnist_dir). Tests on the shipped test split.
+
 Reproducible: fixed seed, deterministic CPU kernels, the whole recipe in RECIPE and in the
 JSON log written next to the checkpoint. Resumes from its last epoch if interrupted.
 """
@@ -21,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from bench.data import load_fashion_mnist  # noqa: E402
+from bench.data import DataError, full_fashion_mnist_dir, load_fashion_mnist, shipped_source  # noqa: E402
 from bench.models import EMBEDDED_CHECKPOINT, EMBEDDED_MODEL, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 
 RECIPE = dict(
@@ -75,13 +79,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     recipe = dict(RECIPE, epochs=args.epochs)
 
+    try:
+        full = full_fashion_mnist_dir()
+        train_x, train_y = load_fashion_mnist("train", full)
+        if len(train_y) != 60_000:
+            raise DataError(f"{full} holds {len(train_y)} training images, not the full 60,000")
+        test_x, test_y = load_fashion_mnist("test")  # the shipped test split, byte for byte Zalando's
+    except DataError as exc:
+        print(f"train_embedded.py: {exc}", file=sys.stderr)
+        return 2
+
     torch.manual_seed(recipe["seed"])
     torch.set_num_threads(recipe["threads"])
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(recipe["seed"])
 
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
     train_x, test_x = normalise(train_x), normalise(test_x)
 
     model = timm.create_model(EMBEDDED_MODEL, pretrained=False)
@@ -92,7 +104,8 @@ def main(argv=None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     state_file = args.work_dir / "last.pth"
     log = dict(recipe=recipe, command=" ".join(["python", "scripts/train_embedded.py"] + (argv or sys.argv[1:])),
-               torch=torch.__version__, timm=timm.__version__, epochs=[])
+               torch=torch.__version__, timm=timm.__version__, epochs=[],
+               data=dict(train=str(full), test=shipped_source("test")))
     start_epoch = 0
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)

@@ -7,12 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-import methods
-from bench import accuracy, data, models
+from bench import data, models
 from bench.data import DataError
+from bench.jobs import JobContext, accuracy
 from bench.records import preds_path
 from bench.spec import JobSpec
-from tests.test_data_models import SMALL, SMALL_NAME, make_image_folder, needs_fmnist, reference_input, small_model
+from tests.test_data import SMALL, SMALL_NAME, make_image_folder, reference_input, small_model
+
+TEN = [f"c{i}" for i in range(10)]  # the embedded model's head has 10 classes; data must have as many
+
+
+def run(spec: JobSpec, run_dir: Path) -> dict:
+    return accuracy.run(spec, JobContext(run_dir, {}))
 
 
 def reference_predictions(model, paths, **transform) -> np.ndarray:
@@ -44,7 +50,7 @@ def test_evaluate_matches_a_manual_computation(tmp_path):
 
 
 def _spec(root, checkpoint, **kw) -> JobSpec:
-    fields = dict(metric="acc", model=models.EMBEDDED_MODEL, checkpoint=str(checkpoint), data=str(root),
+    fields = dict(kind="acc", model=models.EMBEDDED_MODEL, checkpoint=str(checkpoint), data=str(root),
                   batch_size=4)
     return JobSpec(**dict(fields, **kw))
 
@@ -61,13 +67,13 @@ def embedded_checkpoint(tmp_path) -> Path:
 
 
 def test_run_writes_predictions_and_the_contract_metrics(tmp_path, embedded_checkpoint):
-    root = make_image_folder(tmp_path / "val", size=28)
+    root = make_image_folder(tmp_path / "val", classes=TEN, per_class=2, size=28)
     spec = _spec(root, embedded_checkpoint)
-    metrics = accuracy.run(spec, tmp_path / "run")
+    metrics = run(spec, tmp_path / "run")
 
     preds = np.load(preds_path(tmp_path / "run", spec.key))
     assert metrics["preds_file"] == f"{spec.key}.preds.npz"
-    assert preds["labels"].dtype == np.int64 and preds["top5"].shape == (12, 5)
+    assert preds["labels"].dtype == np.int64 and preds["top5"].shape == (20, 5)
     # the record's numbers are those of the prediction file
     assert metrics["top1"] == pytest.approx(100 * np.mean(preds["top5"][:, 0] == preds["labels"]))
     assert metrics["top5"] == pytest.approx(100 * np.mean((preds["top5"] == preds["labels"][:, None]).any(1)))
@@ -77,7 +83,8 @@ def test_run_writes_predictions_and_the_contract_metrics(tmp_path, embedded_chec
     reference = models.create_model(models.EMBEDDED_MODEL, checkpoint=embedded_checkpoint)
     expected = reference_predictions(reference, paths, size=28, scale=28, mode="L", mean=0.2860, std=0.3530)
     np.testing.assert_array_equal(preds["top5"], expected[:, :5])
-    assert metrics["n_images"] == 12
+    assert metrics["n_images"] == 20 and metrics["weights"] == f"checkpoint:{embedded_checkpoint}"
+    assert metrics["regime"] == "off-the-shelf"
     assert metrics["tokens_per_block"] == [50] * 12  # 7x7 patches + CLS, nothing reduced
     assert metrics["data_config"]["input_size"] == [1, 28, 28]
     assert not list((tmp_path / "run" / "records").glob(".*"))  # no temp file left behind
@@ -85,36 +92,49 @@ def test_run_writes_predictions_and_the_contract_metrics(tmp_path, embedded_chec
 
 @pytest.mark.parametrize("method", ["none", "random"])
 def test_run_is_deterministic(tmp_path, embedded_checkpoint, method):
-    if method not in methods.available():
-        pytest.skip(f"method {method} is not registered yet")
-    root = make_image_folder(tmp_path / "val", size=28)
+    root = make_image_folder(tmp_path / "val", classes=TEN, per_class=1, size=28)
     spec = _spec(root, embedded_checkpoint, method=method, keep_ratio=0.5 if method != "none" else 1.0, seed=7)
-    first = accuracy.run(spec, tmp_path / "a")
-    second = accuracy.run(spec, tmp_path / "b")
+    first = run(spec, tmp_path / "a")
+    second = run(spec, tmp_path / "b")
     assert first == {**second, "preds_file": first["preds_file"]}
     a, b = np.load(preds_path(tmp_path / "a", spec.key)), np.load(preds_path(tmp_path / "b", spec.key))
     np.testing.assert_array_equal(a["top5"], b["top5"])
 
 
 def test_run_limit_takes_a_class_balanced_prefix(tmp_path, embedded_checkpoint):
-    root = make_image_folder(tmp_path / "val", size=28)
-    spec = _spec(root, embedded_checkpoint, limit=4)
-    metrics = accuracy.run(spec, tmp_path / "run")
-    assert metrics["n_images"] == 4
-    assert np.load(preds_path(tmp_path / "run", spec.key))["labels"].tolist() == [0, 1, 2, 0]
+    root = make_image_folder(tmp_path / "val", classes=TEN, per_class=2, size=28)
+    spec = _spec(root, embedded_checkpoint, limit=12)
+    metrics = run(spec, tmp_path / "run")
+    assert metrics["n_images"] == 12
+    assert np.load(preds_path(tmp_path / "run", spec.key))["labels"].tolist() == [*range(10), 0, 1]
 
 
-def test_more_classes_than_the_model_predicts_is_a_data_error(tmp_path, embedded_checkpoint):
-    root = make_image_folder(tmp_path / "val", classes=[f"c{i:02d}" for i in range(12)], per_class=1, size=28)
-    with pytest.raises(DataError, match="12 classes .* predicts 10"):
-        accuracy.run(_spec(root, embedded_checkpoint), tmp_path / "run")
+@pytest.mark.parametrize("count", [12, 3])
+def test_a_class_count_other_than_the_heads_is_a_data_error(tmp_path, embedded_checkpoint, count):
+    """More classes than outputs, or fewer (a subset of ImageNet's folders would be numbered 0..k-1 and
+    scored against the wrong outputs): refused in pre-flight and by the job itself."""
+    root = make_image_folder(tmp_path / "val", classes=[f"c{i:02d}" for i in range(count)], per_class=1, size=28)
+    with pytest.raises(DataError, match=f"{count} classes .* predicts 10"):
+        accuracy.validate(_spec(root, embedded_checkpoint))
+    with pytest.raises(DataError, match=f"{count} classes .* predicts 10"):
+        run(_spec(root, embedded_checkpoint), tmp_path / "run")
 
 
-@needs_fmnist
+def test_random_weights_are_refused_unless_asked_for(tmp_path):
+    root = make_image_folder(tmp_path / "val", classes=["c000"], per_class=1)
+    for i in range(1, 1000):  # ImageNet's class count; one image is enough for the folder check
+        (root / f"c{i:03d}").mkdir()
+    spec = JobSpec("acc", "deit_tiny_patch16_224", "evit", 0.7, data=str(root))
+    with pytest.raises(models.ModelError, match="no trained weights .* --random-weights"):
+        accuracy.validate(spec)
+    accuracy.validate(JobSpec("acc", "deit_tiny_patch16_224", data=str(root), random_weights=True))
+    assert models.weights_of(JobSpec("acc", "deit_tiny_patch16_224", random_weights=True)) == "random-init"
+
+
 def test_run_on_the_embedded_default_data(tmp_path, embedded_checkpoint):
-    spec = JobSpec(metric="acc", model=models.EMBEDDED_MODEL, checkpoint=str(embedded_checkpoint), limit=16,
+    spec = JobSpec(kind="acc", model=models.EMBEDDED_MODEL, checkpoint=str(embedded_checkpoint), limit=16,
                    batch_size=8)
-    metrics = accuracy.run(spec, tmp_path / "run")
+    metrics = run(spec, tmp_path / "run")
     labels = np.load(preds_path(tmp_path / "run", spec.key))["labels"]
     assert labels.tolist() == data.load_fashion_mnist("test")[1][:16].tolist()
     assert metrics["n_images"] == 16 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0

@@ -23,11 +23,6 @@ NO_CLS_MODEL = "vit_base_patch16_gap_224"  # a stock timm ViT with global averag
 DEPTH = 12  # of the embedded model
 
 
-def needs_methods(*names):
-    missing = [n for n in names if n not in methods.available()]
-    return pytest.mark.skipif(bool(missing), reason=f"method(s) {missing} not registered")
-
-
 def run_cli(capsys, out: Path, *argv: str) -> tuple[int, list[str]]:
     rc = run_all.main([*argv, "--out", str(out)])
     err = capsys.readouterr().err
@@ -100,12 +95,11 @@ def test_bad_grid_flag(capsys, out, argv, expected):
     assert_one_line_error(rc, lines, *expected)
 
 
-@needs_methods("evit")
 @pytest.mark.parametrize("argv, expected", [
     (["--layers", f"evit=3,{DEPTH}"], [f"layer {DEPTH}", f"0..{DEPTH - 1}"]),
     (["--layers", "evit=3,3,6"], ["layer 3", "more than once"]),
-    (["--layers", "evit=3,x"], ["'3,x'", "block indices"]),
-    (["--layers", "evit="], ["''", "block indices"]),
+    (["--layers", "evit=3,x"], ["'evit=3,x'", "block indices"]),
+    (["--layers", "evit="], ["'evit='", "block indices"]),
     (["--method-opt", "evit.fusee=true"], ["'fusee'", "valid:", "fuse"]),
     (["--method-opt", "evit.fuse=maybe"], ["fuse='maybe'", "bool", "valid: true, false"]),
 ], ids=["layer-beyond-depth", "layer-duplicated", "layer-not-int", "layers-empty", "unknown-option",
@@ -117,8 +111,7 @@ def test_bad_method_configuration(capsys, out, argv, expected):
 
 def test_cls_scored_method_on_model_without_cls_token(capsys, out):
     cls_scored = [n for n in methods.available() if methods.get_method(n).needs_cls]
-    if not cls_scored:
-        pytest.skip("no CLS-scored method registered")
+    assert cls_scored == ["idle", "evit", "topk", "dynamicvit"]
     rc, lines = run_cli(capsys, out, "--metrics", "flops", "--models", NO_CLS_MODEL, "--methods", cls_scored[0])
     assert_one_line_error(rc, lines, cls_scored[0], "CLS", "none")
 
@@ -135,8 +128,17 @@ def test_cls_scored_method_on_model_without_cls_token(capsys, out):
     (["--device", "gpu"], ["'gpu'", "cpu"]),
     (["--launcher", "local", "--time", "xx"], ["'xx'", "[D-]HH:MM:SS"]),
     (["--launcher", "local", "--no-wait"], ["--no-wait", "--launcher slurm"]),
+    (["--no-wait"], ["--no-wait", "--launcher slurm", "inline"]),
+    (["--max-array-size", "-1"], ["'-1'", "positive integer"]),
+    (["--array-parallelism", "0"], ["'0'", "positive integer"]),
+    (["--gpus-per-node", "-1"], ["'-1'", "positive integer"]),
+    (["--cpus-per-task", "0"], ["'0'", "positive integer"]),
+    (["--mem", "lots"], ["'lots'", "32G"]),
+    (["--partition", "a b"], ["'a b'", "without spaces"]),
+    (["--seed", "-3"], ["'-3'", "positive integer"]),
 ], ids=["batch-zero", "batch-negative", "throughput-batch-zero", "limit-zero", "unknown-dtype", "unknown-device",
-        "launch-time", "local-no-wait"])
+        "launch-time", "local-no-wait", "inline-no-wait", "max-array-size", "array-parallelism", "gpus-per-node",
+        "cpus-per-task", "mem", "partition", "seed"])
 def test_bad_measurement_flag(capsys, out, argv, expected):
     argv = argv if "--metrics" in argv else ["--metrics", "flops", *argv]
     rc, lines = run_cli(capsys, out, *argv)
@@ -257,8 +259,8 @@ def test_existing_run_folder_is_left_untouched(capsys, tmp_path):
     """A bad command aimed at a folder holding finished work neither writes nor rewrites anything."""
     run_dir = tmp_path / "finished-run"
     (run_dir / "records").mkdir(parents=True)
-    (run_dir / "records" / "flops-none-1-0123456789ab.json").write_text('{"schema": 1}\n')
-    (run_dir / "grid.json").write_text('{"schema": 1, "specs": []}\n')
+    (run_dir / "records" / "flops-none-1-0123456789ab.json").write_text('{"schema": 2}\n')
+    (run_dir / "grid.json").write_text('{"schema": 2, "specs": []}\n')
     before = tree(run_dir)
     rc, lines = run_cli(capsys, run_dir, "--metrics", "flops", "--ratios", "2")
     assert_one_line_error(rc, lines, "'2'")
@@ -293,7 +295,8 @@ def test_preflight_for_jobs_that_run_elsewhere_skips_this_machines_devices(tmp_p
     (["--ratios", "abc"], "'abc'"),  # rejected while parsing flags
     (["--models", "vit_tiny_patch16_22"], "vit_tiny_patch16_224"),  # rejected by pre-flight
     (["--out", "/dev/null/run"], "'/dev/null/run'"),  # pre-flight's last check, the output probe
-], ids=["ratio-not-a-number", "unknown-model", "output-under-a-file"])
+    (["--methods", "idle", "--models", "vit_pwee_patch16_reg1_gap_256"], "ParallelScalingBlock"),  # not modelled
+], ids=["ratio-not-a-number", "unknown-model", "output-under-a-file", "block-type-not-modelled"])
 def test_cli_subprocess_prints_one_line_and_no_traceback(tmp_path, argv, expected):
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -306,3 +309,52 @@ def test_cli_subprocess_prints_one_line_and_no_traceback(tmp_path, argv, expecte
     assert len(lines) == 1 and lines[0].startswith("run_all.py: error: ") and expected in lines[0], lines
     assert proc.stdout == ""
     assert not out.exists()
+
+
+def test_a_version_1_run_folder_is_named_as_such(capsys, tmp_path):
+    """Run folders of the tokenbench before job kinds cannot be extended or collected: one line says which
+    version they are, not a KeyError."""
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    (run_dir / "grid.json").write_text('{"schema": 1, "specs": []}\n')
+    before = tree(run_dir)
+    for argv in (["--metrics", "flops", "--out", str(run_dir)], ["--collect", str(run_dir)]):
+        assert run_all.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert_one_line_error(2, lines, "version-1 grid", "version 2")
+    assert tree(run_dir) == before
+
+
+@pytest.fixture
+def imagenet_like(tmp_path) -> Path:
+    """1000 class folders (ImageNet's count), one image: enough for every pre-flight check of the data."""
+    data = tmp_path / "imagenet"
+    for i in range(1000):
+        (data / f"n{i:04d}").mkdir(parents=True)
+    (data / "n0000" / "a.png").write_bytes(b"")
+    return data
+
+
+def test_pretrained_offline_fails_in_preflight(capsys, out, monkeypatch, imagenet_like):
+    from bench import models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda endpoint: False)
+    monkeypatch.setattr(models, "_in_hub_cache", lambda cfg: False)
+    rc, lines = run_cli(capsys, out, "--metrics", "acc", "--models", "deit_tiny_patch16_224", "--pretrained",
+                        "--methods", "evit", "--limit", "4", "--data-dir", str(imagenet_like))
+    assert_one_line_error(rc, lines, "deit_tiny_patch16_224", "hub cannot be reached", "--checkpoint")
+
+
+def test_random_weights_without_opting_in_are_refused(capsys, out, imagenet_like):
+    rc, lines = run_cli(capsys, out, "--metrics", "acc", "--models", "deit_tiny_patch16_224", "--methods", "evit",
+                        "--limit", "8", "--data-dir", str(imagenet_like))
+    assert_one_line_error(rc, lines, "deit_tiny_patch16_224", "no trained weights", "--random-weights")
+
+
+def test_data_with_other_classes_than_the_head_is_refused_in_preflight(capsys, out, tmp_path, acc_argv):
+    data = tmp_path / "twenty"
+    for i in range(20):
+        (data / f"c{i:02d}").mkdir(parents=True)
+    (data / "c00" / "a.png").write_bytes(b"")
+    rc, lines = run_cli(capsys, out, *acc_argv, "--data-dir", str(data))
+    assert_one_line_error(rc, lines, "20 classes", "predicts 10")

@@ -7,6 +7,7 @@ determinism tests run the real jobs on the embedded architecture with random wei
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -22,9 +23,11 @@ import torch
 
 import methods
 import run_all
-from bench import records, report, runner
+from bench import jobs, records, report
+from bench.dispatch import runner
 from bench.models import EMBEDDED_MODEL
-from bench.spec import JobSpec, load_grid, save_grid
+from bench.records import load_grid, save_grid
+from bench.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = ("0.5", "0.6", "0.7", "0.8", "0.9")
@@ -32,8 +35,8 @@ FLOPS_GRID = ["--metrics", "flops", "--models", EMBEDDED_MODEL, "--methods", "ev
 GRID_SIZE = 1 + len(RATIOS)  # the baseline and one job per ratio
 
 
-def cheap_flops(spec: JobSpec, run_dir) -> dict:
-    """A stand-in for bench.flops.run: the method's analytic count on a meta-device model."""
+def cheap_flops(spec: JobSpec, context) -> dict:
+    """A stand-in for the FLOPs job: the method's analytic count on a meta-device model."""
     import timm
 
     with torch.device("meta"):
@@ -44,18 +47,21 @@ def cheap_flops(spec: JobSpec, run_dir) -> dict:
                 schedule=method.describe())
 
 
+def stub_run(monkeypatch, kind: str, run) -> None:
+    """Replace what a registered job kind runs, for this test."""
+    monkeypatch.setitem(jobs._KINDS, kind, dataclasses.replace(jobs.get(kind), run=run))
+
+
 @pytest.fixture
 def measured(monkeypatch):
     """Keys of the jobs that actually ran a measurement in this process, in order."""
-    import bench.flops
-
     keys: list[str] = []
 
-    def counting(spec, run_dir):
+    def counting(spec, context):
         keys.append(spec.key)
-        return cheap_flops(spec, run_dir)
+        return cheap_flops(spec, context)
 
-    monkeypatch.setattr(bench.flops, "run", counting)
+    stub_run(monkeypatch, "flops", counting)
     return keys
 
 
@@ -82,15 +88,16 @@ SLOW_RUN_ALL = """
 import os, sys, time
 from pathlib import Path
 sys.path[:0] = [{repo!r}, {tests!r}]
-import bench.flops, run_all
+import dataclasses, run_all
+from bench import jobs
 from test_faults import cheap_flops
 
-def slow(spec, run_dir):  # a marker says the job started; the sleep is the window to kill it in
+def slow(spec, context):  # a marker says the job started; the sleep is the window to kill it in
     (Path(os.environ["MARKERS"]) / spec.key).touch()
     time.sleep(float(os.environ["JOB_SECONDS"]))
-    return cheap_flops(spec, run_dir)
+    return cheap_flops(spec, context)
 
-bench.flops.run = slow
+jobs._KINDS["flops"] = dataclasses.replace(jobs.get("flops"), run=slow)
 sys.exit(run_all.main(sys.argv[1:]))
 """
 
@@ -181,17 +188,15 @@ def test_invalid_records_are_reported_and_recomputed(tmp_path, capsys, measured)
 # (3) A failing job is recorded with its traceback; the rest finish; --retry-failed reruns it alone.
 
 def test_failed_job_is_recorded_listed_and_retried_alone(tmp_path, capsys, monkeypatch, measured):
-    import bench.flops
-
     run_dir = tmp_path / "run"
-    counting = bench.flops.run
+    counting = jobs.get("flops").run
 
-    def flaky(spec, run_dir):
+    def flaky(spec, context):
         if spec.keep_ratio == 0.6:
             raise RuntimeError("injected failure at keep ratio 0.6")
-        return counting(spec, run_dir)
+        return counting(spec, context)
 
-    monkeypatch.setattr(bench.flops, "run", flaky)
+    stub_run(monkeypatch, "flops", flaky)
     assert run_all.main([*FLOPS_GRID, "--out", str(run_dir)]) == 1
     out, err = capsys.readouterr()
     done, failed, _ = records.scan(run_dir)
@@ -208,7 +213,7 @@ def test_failed_job_is_recorded_listed_and_retried_alone(tmp_path, capsys, monke
     assert run_all.main([*FLOPS_GRID, "--out", str(run_dir)]) == 1  # a plain rerun leaves it failed
     assert measured == []
 
-    monkeypatch.setattr(bench.flops, "run", counting)  # the cause is fixed
+    stub_run(monkeypatch, "flops", counting)  # the cause is fixed
     assert run_all.main([*FLOPS_GRID, "--out", str(run_dir), "--retry-failed"]) == 0
     assert measured == [bad_key]
     assert_clean(run_dir, set(done) | {bad_key})
@@ -290,9 +295,9 @@ def test_report_of_a_running_grid_says_what_is_pending(tmp_path, measured):
 # (5) Throughput: an out-of-memory error halves the batch; the record holds the batch actually used.
 
 def test_throughput_out_of_memory_backoff_records_the_batch_used(tmp_path, monkeypatch):
-    import bench.throughput
+    import bench.jobs.throughput
 
-    create_model = bench.throughput.create_model
+    create_model = bench.jobs.throughput.create_model
     batches_run: list[int] = []
 
     def out_of_memory_above_two(module, args):
@@ -305,9 +310,9 @@ def test_throughput_out_of_memory_backoff_records_the_batch_used(tmp_path, monke
         model.register_forward_pre_hook(out_of_memory_above_two)
         return model
 
-    monkeypatch.setattr(bench.throughput, "create_model", create_tight_model)
+    monkeypatch.setattr(bench.jobs.throughput, "create_model", create_tight_model)
     spec = JobSpec("throughput", EMBEDDED_MODEL, method="evit", keep_ratio=0.5, batch_size=8,
-                   extra=(("iters", 1), ("repeats", 5), ("warmup", 1)))
+                   extra=(("iters", 1), ("max_repeats", 5), ("repeats", 5), ("warmup", 1)))
     assert runner.run_job(spec, tmp_path) == "ok"
     rec = records.read_record(records.record_path(tmp_path, spec.key))
     assert rec.spec.batch_size == 8  # requested
@@ -325,9 +330,9 @@ def tiny_image_folder(tmp_path) -> Path:
 
     rng = np.random.default_rng(0)
     root = tmp_path / "images"
-    for label in ("boots", "shirts"):
+    for label in [f"class{i}" for i in range(10)]:  # as many classes as the embedded model's head
         (root / label).mkdir(parents=True)
-        for i in range(5):
+        for i in range(1):
             pixels = rng.integers(0, 256, (28, 28), dtype=np.uint8)
             Image.fromarray(pixels, mode="L").save(root / label / f"{i}.png")
     return root
@@ -345,7 +350,7 @@ def random_checkpoint(tmp_path) -> Path:
 
 def test_same_accuracy_spec_twice_gives_the_same_numbers(tmp_path, tiny_image_folder, random_checkpoint):
     spec = JobSpec("acc", EMBEDDED_MODEL, method="random", keep_ratio=0.5, checkpoint=str(random_checkpoint),
-                   data=str(tiny_image_folder), batch_size=4, seed=7, extra=(("workers", 0),))
+                   data=str(tiny_image_folder), batch_size=4, seed=7)
     results = []
     for attempt in ("first", "second"):
         run_dir = tmp_path / attempt

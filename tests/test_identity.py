@@ -1,6 +1,6 @@
-"""Every registered method on several timm ViT families: keep ratio 1 reproduces the stock logits,
-a sample's logits do not depend on the rest of its batch, and models without a CLS token are
-refused by CLS-scored methods and accepted by the others."""
+"""Every registered method on several timm ViT families: keep ratio 1 reproduces the stock logits bit
+for bit, a sample's logits do not depend on the rest of its batch, and models without a CLS token
+are refused by CLS-scored methods and accepted by the others."""
 import copy
 
 import pytest
@@ -19,8 +19,7 @@ MODELS = [
     ("deit_small_distilled_patch16_224", 64),
     ("vit_small_patch14_reg4_dinov2", 56),
 ]
-IDENTITY_ATOL = 1e-6
-BATCH_ATOL = 1e-5
+BATCH_ATOL = 1e-5  # batch size changes the fp32 kernels' blocking, so not bit for bit
 
 _stock_cache: dict[str, torch.nn.Module] = {}
 
@@ -48,8 +47,8 @@ def test_keep_ratio_one_is_the_stock_model(method, model_name, img_size):
     base = stock(model_name, img_size)
     model = methods.apply(copy.deepcopy(base), method, 1.0, **identity_options(method)).eval()
     x = images(img_size, 2)
-    delta = (model(x) - base(x)).abs().max().item()
-    assert delta <= IDENTITY_ATOL, f"max |delta logits| = {delta:.3g}"
+    got, want = model(x), base(x)
+    assert torch.equal(got, want), f"max |delta logits| = {(got - want).abs().max().item():.3g}"
 
 
 @pytest.mark.parametrize("model_name, img_size", MODELS)
@@ -96,7 +95,7 @@ def test_cls_scored_method_refuses_a_gap_model(gap_model, method):
 def test_cls_free_method_runs_on_a_gap_model(gap_model, method):
     x = images(64, 2)
     model = methods.apply(copy.deepcopy(gap_model), method, 1.0, **identity_options(method)).eval()
-    assert (model(x) - gap_model(x)).abs().max().item() <= IDENTITY_ATOL
+    assert torch.equal(model(x), gap_model(x))
     reduced = methods.apply(copy.deepcopy(gap_model), method, 0.5).eval()
     out = reduced(x)
     assert out.shape == (2, gap_model.num_classes) and torch.isfinite(out).all()

@@ -1,4 +1,5 @@
-"""bench.plots and bench.viz: files, axis labels, legend entries, one line per method, token pictures."""
+"""bench.report.plots and bench.report.viz: files, axis labels, legend entries, one line per method, the idle
+band from the FLOPs record's schedule, token pictures."""
 from __future__ import annotations
 
 import matplotlib
@@ -9,24 +10,42 @@ import torch
 from matplotlib.colors import to_rgb
 
 import methods
-from bench import plots, viz
 from bench.models import create_model
+from bench.report import plots, viz
+from bench.report.figure import method_style
+from bench.report.frame import variant_label
 
 MODEL = "tokenbench_vit_fmnist"
 
 
+def schedule(keep, idle):
+    """A FLOPs record's `blocks`: three full blocks, then `keep` of the tokens in attention and MLP; the rest
+    carried idle through the block (IdleViT) or pruned (EViT)."""
+    kept = int(50 * keep)
+    full = [dict(n_in=50, n_attn=50, n_mlp=50, n_out=50, action="")] * 3
+    if idle:
+        return full + [dict(n_in=50, n_attn=kept, n_mlp=kept, n_out=50, action="idle")] * 9
+    return full + [dict(n_in=50, n_attn=50, n_mlp=50, n_out=kept, action="prune")] + \
+        [dict(n_in=kept, n_attn=kept, n_mlp=kept, n_out=kept, action="")] * 8
+
+
 def summary_frame():
     """A summary as bench.report.summarize gives it: baseline + two method variants at two ratios."""
-    rows = [dict(method="none", keep_ratio=1.0, options="", top1=90.0, gmacs=1.0, img_s=1000.0)]
-    for method, options, base in (("idle", "", 88.0), ("evit", "fuse=False", 87.0), ("evit", "", 87.5)):
+    rows = [dict(method="none", keep_ratio=1.0, options_key=(), top1=90.0, gmacs=1.0, img_s=1000.0)]
+    for method, options, base in (("idle", (), 88.0), ("evit", (("fuse", False),), 87.0), ("evit", (), 87.5)):
         for keep in (0.5, 0.7):
-            rows.append(dict(method=method, keep_ratio=keep, options=options, top1=base - 10 * (1 - keep),
+            rows.append(dict(method=method, keep_ratio=keep, options_key=options, top1=base - 10 * (1 - keep),
                              gmacs=keep, img_s=1000.0 / keep))
-    frame = pd.DataFrame(rows).assign(model=MODEL, layers="", finetune_epochs=0, checkpoint="", pretrained=False)
+    frame = pd.DataFrame(rows).assign(model=MODEL, layers=[()] * len(rows), regime="off-the-shelf",
+                                      finetune=[()] * len(rows), checkpoint="", pretrained=False,
+                                      random_weights=False)
+    frame["options"] = frame["options_key"].map(dict)
     frame["top1_ci_low"], frame["top1_ci_high"] = frame["top1"] - 1, frame["top1"] + 1
     frame["tokens_per_block"] = [[50] * 12 if m == "none" else [50] * 3 + [int(50 * k)] * 9
                                  for m, k in zip(frame["method"], frame["keep_ratio"])]
-    frame["variant"] = [m + (f" ({o})" if o else "") for m, o in zip(frame["method"], frame["options"])]
+    frame["blocks"] = [schedule(1.0, False) if m == "none" else schedule(k, m == "idle")
+                       for m, k in zip(frame["method"], frame["keep_ratio"])]
+    frame["variant"] = frame.apply(variant_label, axis=1)
     return frame
 
 
@@ -35,8 +54,9 @@ def tidy_throughput():
     for method, keep in (("none", 1.0), ("idle", 0.5), ("evit", 0.5)):
         for batch in (1, 8, 64):
             img_s = batch * 10.0 / keep
-            rows.append(dict(metric="throughput", status="ok", model=MODEL, method=method, keep_ratio=keep,
-                             options="", layers="", finetune_epochs=0, batch_size=batch, batch_size_used=batch,
+            rows.append(dict(kind="throughput", status="ok", model=MODEL, method=method, keep_ratio=keep,
+                             options={}, options_key=(), layers=(), regime="off-the-shelf", finetune=(),
+                             batch_size=batch, batch_size_used=batch,
                              img_s=img_s, img_s_q25=img_s * 0.9, img_s_q75=img_s * 1.1, dtype="fp32",
                              device="cpu", device_name="test-cpu"))
     return pd.DataFrame(rows)
@@ -72,8 +92,8 @@ def test_tradeoff_one_line_per_variant_and_baseline_star():
     assert len(star) == 1 and tuple(star[0].get_offsets()[0]) == (1.0, 90.0)
     # a method keeps its colour and marker across variants and figures
     colours = legend_colours(ax)
-    assert colours["evit"] == colours["evit (fuse=False)"] == to_rgb(plots.method_style("evit")["color"])
-    assert colours["idle"] == to_rgb(plots.method_style("idle")["color"]) != colours["evit"]
+    assert colours["evit"] == colours["evit (fuse=False)"] == to_rgb(method_style("evit")["color"])
+    assert colours["idle"] == to_rgb(method_style("idle")["color"]) != colours["evit"]
     assert sorted(to_rgb(line.get_color()) for line in lines) == sorted(
         colours[v] for v in ("idle", "evit (fuse=False)", "evit"))
     fig2 = plots.tradeoff(summary, "img_s", "images / s", MODEL)
@@ -88,8 +108,12 @@ def test_throughput_vs_batch():
     assert sorted(len(line.get_xdata()) for line in data_lines(ax)) == [3, 3, 3]
 
 
-@pytest.mark.skipif("idle" not in methods.available(), reason="idle not registered")
-def test_tokens_per_layer_shows_idle_tokens():
+def test_tokens_per_layer_shows_idle_tokens(monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("the idle band comes from the FLOPs record's blocks, not from a rebuilt model")
+
+    monkeypatch.setattr(methods, "apply", no_models)
+    monkeypatch.setattr("bench.models.create_model", no_models)
     fig = plots.tokens_per_layer(summary_frame(), MODEL)
     assert len(fig.axes) == 2  # one panel per keep ratio
     ax = fig.axes[0]
@@ -98,6 +122,32 @@ def test_tokens_per_layer_shows_idle_tokens():
     assert [t for t in texts if not t.endswith(": idle")] == ["idle", "evit", "evit (fuse=False)", "baseline (none)"]
     assert "idle: idle" in texts  # IdleViT carries the rest idle: shaded between active and all tokens
     assert not any(t.startswith("evit") and t.endswith("idle") for t in texts)
+    (band,) = [c for c in fig.axes[1].collections if c.get_label() == "idle: idle"]  # the keep-0.5 panel
+    ys = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+    assert (ys.min(), ys.max()) == (25, 50)  # from the 25 tokens attended to all 50 carried
+
+
+def test_tokens_per_layer_without_a_schedule_has_no_idle_band():
+    """A run without FLOPs records has no `blocks`: the token counts are drawn, the idle band is not guessed."""
+    fig = plots.tokens_per_layer(summary_frame().drop(columns="blocks"), MODEL)
+    texts = legend_texts(fig.axes[-1])
+    assert texts == ["idle", "evit", "evit (fuse=False)", "baseline (none)"]
+
+
+def test_idle_band_from_flops_records(tmp_path):
+    """The `blocks` a FLOPs job records reach the figure through load_runs and summarize."""
+    from bench import report
+    from bench.records import write_record
+    from bench.spec import JobSpec
+
+    for method, keep in (("none", 1.0), ("idle", 0.5), ("evit", 0.5)):
+        blocks = schedule(keep, method == "idle")
+        write_record(tmp_path, JobSpec("flops", MODEL, method, keep),
+                     dict(gmacs=keep, gmacs_no_overhead=keep, tokens_per_block=[b["n_attn"] for b in blocks],
+                          blocks=blocks), {}, 0.0)
+    summary = report.summarize(report.load_runs(tmp_path))
+    texts = legend_texts(plots.tokens_per_layer(summary, MODEL).axes[-1])
+    assert texts == ["idle", "idle: idle", "evit", "baseline (none)"]
 
 
 def test_ablation_and_write_figures(tmp_path):

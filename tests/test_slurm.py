@@ -2,16 +2,22 @@
 job recorded and retried with --retry-failed, a cancelled job reported as such. Skipped without a cluster."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from bench import launch, records
-from bench.spec import JobSpec, save_grid
+import run_all
+from bench import dispatch, records
+from bench.dispatch import slurm
+from bench.spec import JobSpec, Plan
+
+REPO = Path(__file__).resolve().parents[1]
 
 EMBEDDED = "tokenbench_vit_fmnist"
 
@@ -41,16 +47,16 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(PROBLEM is not None, reason=
 
 @pytest.fixture(autouse=True)
 def quick_polls(monkeypatch):
-    monkeypatch.setattr(launch, "POLL_S", 0.5)
-    monkeypatch.setattr(launch, "SLURM_REFRESH_S", 1.0)
+    monkeypatch.setattr(slurm, "POLL_S", 0.5)
+    monkeypatch.setattr(slurm, "SLURM_REFRESH_S", 1.0)
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("--retry-failed", action="store_true")
-    launch.add_arguments(parser)
-    return parser.parse_args(["--time", "10", *argv])
+def parse(*argv: str):
+    return run_all.parse(["--time", "10", *argv])[0].dispatch
+
+
+def plan_of(specs, run_dir) -> Plan:
+    return Plan(run_dir, tuple(specs), tuple(specs), {"git_commit": "abc", "git_dirty": True})
 
 
 def index(run_dir) -> dict:
@@ -60,9 +66,8 @@ def index(run_dir) -> dict:
 def test_grid_runs_as_one_job_array(tmp_path):
     grid = [JobSpec("flops", EMBEDDED), JobSpec("flops", EMBEDDED, method="idle", keep_ratio=0.5),
             JobSpec("flops", EMBEDDED, method="idle", keep_ratio=0.7)]
-    save_grid(tmp_path, grid)
     started = time.perf_counter()
-    summary = launch.dispatch(grid, tmp_path, parse("--launcher", "slurm"))
+    summary = dispatch.dispatch(plan_of(grid, tmp_path), parse("--launcher", "slurm"))
     print(f"\n{len(grid)}-job grid through SLURM: {time.perf_counter() - started:.1f} s")
     assert sorted(summary.done) == sorted(s.key for s in grid), summary.errors
     array_ids = {entry["job_id"].split("_")[0] for entry in index(tmp_path).values()}
@@ -71,7 +76,9 @@ def test_grid_runs_as_one_job_array(tmp_path):
     # The records say where they were measured: tasks of that array, not this process.
     assert {rec.data["env"]["slurm_job_id"] is not None for rec in done.values()} == {True}
     assert sorted(rec.data["env"]["slurm_array_task_id"] for rec in done.values()) == ["0", "1", "2"]
-    report = pytest.importorskip("bench.report")
+    assert {rec.data["env"]["git_commit"] for rec in done.values()} == {"abc"}  # the planning checkout's
+    from bench import report
+
     report.write_report(tmp_path, figures=False, pictures=False)
     assert (tmp_path / "report.md").exists()
 
@@ -79,8 +86,7 @@ def test_grid_runs_as_one_job_array(tmp_path):
 def test_failed_job_is_recorded_and_retried(tmp_path):
     weights = tmp_path / "weights.safetensors"  # missing at first: the job fails
     job = JobSpec("acc", EMBEDDED, checkpoint=str(weights), limit=8, batch_size=4)
-    save_grid(tmp_path, [job])
-    summary = launch.dispatch([job], tmp_path, parse("--launcher", "slurm"))
+    summary = dispatch.dispatch(plan_of([job], tmp_path), parse("--launcher", "slurm"))
     assert summary.failed == [job.key] and "weights.safetensors" in summary.errors[job.key]
     assert records.error_path(tmp_path, job.key).exists()
     first_id = index(tmp_path)[job.key]["job_id"]
@@ -88,10 +94,10 @@ def test_failed_job_is_recorded_and_retried(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from bench import models  # noqa: F401  (registers the embedded model)
+    from bench import models  # noqa: F401  (registers the embedded model with timm)
 
     save_file(timm.create_model(EMBEDDED).state_dict(), str(weights))
-    summary = launch.collect(tmp_path, parse("--retry-failed"))  # back to SLURM: the launcher the run used
+    summary = dispatch.collect(tmp_path, parse("--retry-failed"))  # back to SLURM: the launcher the run used
     assert summary.done == [job.key] and not summary.failed, summary.errors
     assert index(tmp_path)[job.key]["job_id"] != first_id
     record = records.read_record(records.record_path(tmp_path, job.key))
@@ -101,16 +107,41 @@ def test_failed_job_is_recorded_and_retried(tmp_path):
 
 @pytest.mark.skipif(PROBLEM is None and not _accounting(), reason="job states need SLURM accounting (slurmdbd; SLURM_CI_ACCOUNTING=1)")
 def test_cancelled_job_is_reported(tmp_path):
-    job = JobSpec("flops", EMBEDDED, seed=7)
-    save_grid(tmp_path, [job])
-    summary = launch.dispatch([job], tmp_path, parse("--launcher", "slurm", "--no-wait"))
+    job = JobSpec("flops", EMBEDDED, method="evit", keep_ratio=0.3)
+    summary = dispatch.dispatch(plan_of([job], tmp_path), parse("--launcher", "slurm", "--no-wait"))
     assert summary.pending == [job.key]
     subprocess.run(["scancel", index(tmp_path)[job.key]["job_id"]], check=True)
     deadline = time.time() + 60
     while True:
-        summary = launch.collect(tmp_path, parse())
+        summary = dispatch.collect(tmp_path, parse())
         if summary.failed or time.time() > deadline:
             break
         time.sleep(1)
     assert summary.failed == [job.key] and "CANCELLED" in summary.errors[job.key]
     assert not records.record_path(tmp_path, job.key).exists()
+
+
+def test_ctrl_c_then_the_advised_rerun_submits_no_duplicate(tmp_path):
+    """Ctrl-C while the driver waits on SLURM: the jobs stay queued, the message points to --collect, and
+    running the same command again finds them in the queue instead of submitting them a second time."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "run_all.py", "--launcher", "slurm", "--methods", "evit", "--ratios", "0.5",
+            "--metrics", "flops", "--out", str(out), "--time", "10",
+            "--slurm-setup", "sleep 20"]  # each job waits a while: the driver is interrupted meanwhile
+    driver = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "launch" / "jobs.json").exists() or len(index(out)) < 2:
+        assert driver.poll() is None and time.time() < deadline, driver.communicate()
+        time.sleep(0.2)
+    first = index(out)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130 and "--collect" in err and "Traceback" not in err, err
+    queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert {entry["job_id"] for entry in first.values()} <= set(queue)  # still queued or running
+
+    rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert index(out) == first  # the same jobs, none submitted again
+    done, failed, _ = records.scan(out)
+    assert set(done) == set(first) and not failed

@@ -1,4 +1,4 @@
-"""bench.stats against answers worked out by hand: McNemar counts and p-values, degenerate CIs."""
+"""bench.report.stats against answers worked out by hand: McNemar counts and p-values, degenerate CIs."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import stats
+from bench.report import stats
 
 
 def paired(a_only: int, b_only: int, both: int = 10, neither: int = 5):

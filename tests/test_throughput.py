@@ -1,4 +1,5 @@
-"""The throughput protocol's structure: fields, interleaving, arithmetic, OOM back-off. No timing asserts."""
+"""The throughput protocol's structure: fields, ABBA interleaving, the speedup's CI, adaptive repeats, per-job
+settings, OOM back-off. No timing asserts."""
 from __future__ import annotations
 
 from statistics import median
@@ -8,11 +9,12 @@ import pytest
 import timm
 import torch
 
-from bench import models, throughput
+from bench import models
+from bench.jobs import JobContext, throughput
+from bench.jobs.throughput import ThroughputError
 from bench.spec import JobSpec
-from bench.throughput import ThroughputError
 
-FAST = dict(warmup=1, repeats=5, iters=1)
+FAST = dict(warmup=1, repeats=5, max_repeats=5, iters=1)
 TINY = dict(img_size=32, patch_size=16, num_classes=4, embed_dim=32, depth=2, num_heads=2)
 
 
@@ -26,32 +28,65 @@ def test_measure_returns_the_documented_fields():
     r = throughput.measure(model, baseline, batch_size=3, **FAST)
     assert r["batch_size"] == r["requested_batch_size"] == 3
     assert r["input_shape"] == [3, 3, 32, 32]
-    assert len(r["img_s_all"]) == len(r["baseline_img_s_all"]) == 5
+    assert len(r["img_s_all"]) == len(r["baseline_img_s_all"]) == len(r["speedup_all"]) == 5
     assert all(v > 0 for v in r["img_s_all"] + r["baseline_img_s_all"])
     # the summary statistics are those of the per-repeat lists
     assert r["img_s"] == median(r["img_s_all"]) and r["baseline_img_s"] == median(r["baseline_img_s_all"])
     assert r["img_s_q25"] == pytest.approx(np.percentile(r["img_s_all"], 25))
     assert r["img_s_q25"] <= r["img_s"] <= r["img_s_q75"]
-    ratios = [m / b for m, b in zip(r["img_s_all"], r["baseline_img_s_all"])]
-    assert r["speedup"] == pytest.approx(median(ratios))  # median of ratios, not ratio of medians
+    assert r["spread"] == pytest.approx(r["img_s_q75"] / r["img_s_q25"]) and r["unstable"] == (r["spread"] > 1.10)
+    # one ratio per repeat (baseline time / method time of its quartet); the median of ratios, not a ratio of medians
+    assert r["speedup"] == pytest.approx(median(r["speedup_all"]))
+    assert r["speedup_ci_low"] <= r["speedup"] <= r["speedup_ci_high"]
     # one timed repeat is `iters` batches: latency and img/s describe the same median repeat
     assert r["latency_ms"] == pytest.approx(1e3 * 3 / r["img_s"], rel=1e-9)
     assert r["peak_mem_mb"] is None and r["baseline_peak_mem_mb"] is None  # CPU
     assert (r["repeats"], r["warmup"], r["iters"], r["dtype"], r["device"]) == (5, 1, 1, "fp32", "cpu")
-    assert r["fused_attn"] == timm.layers.use_fused_attn()
+    assert r["fused_attn"] == r["baseline_fused_attn"] == timm.layers.use_fused_attn()
 
 
-def test_method_and_baseline_are_interleaved_alternating_order():
+def test_method_and_baseline_alternate_in_balanced_quartets():
+    """Repeat i times A B B A, repeat i+1 B A A B: a linear drift cancels within a repeat, and over
+    any two repeats each side is first equally often."""
     model, baseline = tiny_pair()
     calls = []
     for name, net in (("m", model), ("b", baseline)):
         net.register_forward_hook(lambda *_, name=name: calls.append(name))
-    throughput.measure(model, baseline, batch_size=2, warmup=2, repeats=5, iters=3)
-    assert len(calls) == 2 + 2 + 5 * 2 * 3  # warm-up, then 5 repeats of 3 batches per model (CPU: no
-    timed = calls[4:]                       # peak-memory forward, iters given: no calibration)
-    per_repeat = ["".join(timed[i:i + 6]) for i in range(0, len(timed), 6)]
-    assert per_repeat == ["mmmbbb", "bbbmmm", "mmmbbb", "bbbmmm", "mmmbbb"]
-    assert calls[:4] == ["m", "m", "b", "b"]  # warm-up of both before any timing
+    throughput.measure(model, baseline, batch_size=2, warmup=2, repeats=6, max_repeats=6, iters=3)
+    assert calls[:4] == ["m", "m", "b", "b"]  # warm-up of both before any timing (CPU: no peak-memory forward)
+    timed = calls[4:]
+    assert len(timed) == 6 * 4 * 3  # 6 repeats of 4 timings of 3 batches (iters given: no calibration)
+    per_repeat = ["".join(timed[i:i + 12:3]) for i in range(0, len(timed), 12)]
+    assert per_repeat == ["mbbm", "bmmb"] * 3
+    firsts = [r[0] for r in per_repeat]
+    assert firsts.count("m") == firsts.count("b")
+
+
+def test_median_ci_covers_at_least_the_confidence():
+    from scipy import stats
+
+    for n in (7, 15, 30, 60):
+        low, high = throughput.median_ci(list(range(n)))
+        outside = int(low)  # values below the interval
+        assert low == n - 1 - high  # symmetric in rank
+        assert 1 - 2 * stats.binom.cdf(outside - 1, n, 0.5) >= 0.95
+        # and the next narrower interval would not be
+        assert 1 - 2 * stats.binom.cdf(outside, n, 0.5) < 0.95
+    assert throughput.median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)  # too few for 95 %: the range
+
+
+def test_repeats_continue_until_the_ci_is_narrow(monkeypatch):
+    """Timings that alternate between two levels keep the CI wide: the loop runs to max_repeats. A
+    steady machine stops at the minimum."""
+    model, baseline = tiny_pair()
+    ticks = iter(range(10**6))
+    noisy = lambda net, x, iters, sync: 1.0 + 0.5 * (next(ticks) % 3 == 0)  # noqa: E731
+    monkeypatch.setattr(throughput, "_timed", noisy)
+    r = throughput.measure(model, baseline, batch_size=1, warmup=0, repeats=5, max_repeats=12, ci_target=0.01, iters=1)
+    assert r["repeats"] == 12 and (r["speedup_ci_high"] - r["speedup_ci_low"]) / 2 > 0.01 * r["speedup"]
+    monkeypatch.setattr(throughput, "_timed", lambda net, x, iters, sync: 1.0)
+    r = throughput.measure(model, baseline, batch_size=1, warmup=0, repeats=5, max_repeats=12, ci_target=0.01, iters=1)
+    assert r["repeats"] == 5 and r["speedup"] == r["speedup_ci_low"] == r["speedup_ci_high"] == 1.0
 
 
 def test_iterations_are_calibrated_when_not_given():
@@ -133,25 +168,27 @@ def test_other_errors_are_not_retried():
 
 def _spec(**kw) -> JobSpec:
     extra = dict(FAST, **kw.pop("extra", {}))
-    fields = dict(metric="throughput", model=models.EMBEDDED_MODEL, batch_size=2, extra=tuple(sorted(extra.items())))
+    fields = dict(kind="throughput", model=models.EMBEDDED_MODEL, batch_size=2, extra=tuple(sorted(extra.items())))
     return JobSpec(**dict(fields, **kw))
 
 
+def run(spec: JobSpec, tmp_path) -> dict:
+    return throughput.run(spec, JobContext(tmp_path, {}))
+
+
 def test_run_measures_the_patched_model_against_the_stock_one(tmp_path):
-    r = throughput.run(_spec(), tmp_path)
+    r = run(_spec(), tmp_path)
     for key in ("batch_size", "img_s", "img_s_q25", "img_s_q75", "img_s_all", "baseline_img_s",
                 "baseline_img_s_all", "speedup", "latency_ms", "peak_mem_mb", "repeats", "warmup", "iters",
-                "fused_attn", "dtype", "device"):
+                "fused_attn", "baseline_fused_attn", "dtype", "device", "speedup_ci_low", "speedup_ci_high",
+                "unstable", "spread", "threads", "cudnn_benchmark"):
         assert key in r, key
     assert r["batch_size"] == 2 and r["input_shape"] == [2, 1, 28, 28]
     assert r["tokens_per_block"] == [50] * 12
 
 
 def test_run_with_a_reducing_method(tmp_path):
-    import methods
-
-    method = next(m for m in ("topk", "evit", "random") if m in methods.available())
-    r = throughput.run(_spec(method=method, keep_ratio=0.5, batch_size=1), tmp_path)
+    r = run(_spec(method="topk", keep_ratio=0.5, batch_size=1), tmp_path)
     assert r["img_s"] > 0 and r["tokens_per_block"][-1] < 50
 
 
@@ -161,7 +198,8 @@ def test_autocast_dtype_is_recorded():
 
 
 def test_fused_attention_switch_applies_to_both_models(tmp_path):
-    assert throughput.run(_spec(extra=dict(fused_attn=False), batch_size=1), tmp_path)["fused_attn"] is False
+    r = run(_spec(extra=dict(fused_attn=False), batch_size=1), tmp_path)
+    assert r["fused_attn"] is False and r["baseline_fused_attn"] is False
     model, baseline = tiny_pair()
     for net in (model, baseline):
         throughput.set_fused_attn(net, True)
@@ -179,3 +217,18 @@ def test_fused_attention_switch_applies_to_both_models(tmp_path):
 def test_bad_knobs_are_one_line_errors(extra, message):
     with pytest.raises(ThroughputError, match=message.replace("(", r"\(")):
         throughput.knobs(_spec(extra=extra))
+
+
+def test_threads_follow_the_cpus_the_job_holds_and_settings_are_restored(tmp_path, monkeypatch):
+    monkeypatch.setattr(throughput.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert throughput.job_cpus() == 3  # SLURM's allocation caps the affinity mask
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert throughput.job_cpus() == 4
+    monkeypatch.setattr(throughput, "job_cpus", lambda: 1)
+    torch.set_num_threads(2)
+    torch.backends.cudnn.benchmark = False
+    r = run(_spec(batch_size=1), tmp_path)
+    assert r["threads"] == 1 and r["cudnn_benchmark"] is False  # CPU job: no autotuning
+    assert torch.get_num_threads() == 2 and torch.backends.cudnn.benchmark is False  # restored
+    torch.set_num_threads(1)

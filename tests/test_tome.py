@@ -1,21 +1,21 @@
-"""ToMe against a per-sample reference written here from methods.md §4.1 (explicit softmax
+"""ToMe against a per-sample reference written here from docs/methods.md#tome-algorithm (explicit softmax
 attention with the log-size bias, python loops for the bipartite matching; not from
-methods/tome.py), and against the GMACs of methods.md §8."""
-import functools
+methods/tome.py), and against the GMACs of docs/methods.md#reference-counts."""
 import math
 
 import pytest
-import timm
 import torch
 
 import methods
-from methods import FUSED, KEPT, Geometry, MethodError
+from methods import FUSED, KEPT, MethodError
 from methods.tome import r_for_keep_ratio
-from random_vits import models, patched_copy, random_images, timm_model  # noqa: F401 (models is a fixture)
+from random_vits import (  # noqa: F401 (models is a fixture)
+    DTYPES, REFERENCE_TOL, in_dtype, models, patched_copy, random_images, timm_geometry, timm_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (methods.md §4.1), one sample at a time. Every token carries its size and the set of
+# Reference (docs/methods.md#tome-algorithm), one sample at a time. Every token carries its size and the set of
 # original patches it holds.
 
 def _attention(block, tokens, sizes, prop_attn):
@@ -84,15 +84,16 @@ def _reference(model, images, r_per_block, prop_attn=True):
 # ---------------------------------------------------------------------------------------------
 # Equivalence with the reference
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model_name", ["cls", "distilled", "registers", "gap"])
 @pytest.mark.parametrize("r", [1, 3, 5])  # 5 runs into the clamp to half the image tokens
-def test_logits_match_reference(models, model_name, r):
-    stock = models[model_name]
-    images = random_images(2, seed=r)
+def test_logits_match_reference(models, model_name, r, dtype):
+    stock = in_dtype(models[model_name], dtype)
+    images = random_images(2, seed=r, dtype=dtype)
     with torch.no_grad():
         got = patched_copy(stock, "tome", r=r)(images)
         want, _ = _reference(stock, images, {i: r for i in range(12)})
-    assert (got - want).abs().max().item() < 1e-9
+    assert (got - want).abs().max().item() <= REFERENCE_TOL[dtype]
 
 
 @pytest.mark.parametrize("fused_attn", [True, False])
@@ -102,7 +103,7 @@ def test_both_attention_paths_with_and_without_proportional_attention(models, fu
     patched = patched_copy(models["distilled"], "tome", fused_attn=fused_attn, r=2, prop_attn=prop_attn)
     with torch.no_grad():
         want, _ = _reference(models["distilled"], images, {i: 2 for i in range(12)}, prop_attn)
-        assert (patched(images) - want).abs().max().item() < 1e-9
+        assert (patched(images) - want).abs().max().item() <= REFERENCE_TOL[torch.float64]
 
 
 def test_layerscale_model_with_per_layer_r_matches_reference():
@@ -113,7 +114,7 @@ def test_layerscale_model_with_per_layer_r_matches_reference():
     assert patched.token_reduction.merge_counts == {2: 0, 3: 4, 4: 0, 5: 3, 6: 6, 7: 2, 8: 0, 9: 0}
     with torch.no_grad():
         want, _ = _reference(deit3, images, dict(zip(range(2, 8), r)))
-        assert (patched(images) - want).abs().max().item() < 1e-9
+        assert (patched(images) - want).abs().max().item() <= REFERENCE_TOL[torch.float64]
 
 
 @pytest.mark.parametrize("model_name", ["distilled", "registers"])
@@ -176,35 +177,29 @@ def test_training_merges_and_backpropagates(models):
 
 
 # ---------------------------------------------------------------------------------------------
-# Counts and cost (methods.md §4.1, §8) on the real DeiT geometry
-
-@functools.lru_cache(maxsize=None)
-def _geometry(name):
-    with torch.device("meta"):
-        return Geometry.from_model(timm.create_model(name, pretrained=False))
-
+# Counts and cost (docs/methods.md#tome-counts, docs/methods.md#reference-counts) on the real DeiT geometry
 
 @pytest.mark.parametrize("model_name, gmacs", [
     ("deit_small_patch16_224", {8: 3.421, 12: 2.848, 13: 2.706, 16: 2.294}),
     ("deit_tiny_patch16_224", {8: 0.929, 12: 0.773, 13: 0.735, 16: 0.625}),
 ])
 def test_gmacs_match_cost_model(model_name, gmacs):
-    geometry = _geometry(model_name)
+    geometry = timm_geometry(model_name)
     got = {r: round(methods.build(geometry, "tome", r=r).total_macs() / 1e9, 3) for r in gmacs}
     assert got == gmacs
 
 
 def test_deit_base_gmacs_and_r13_token_counts():
-    # §8 prints 13.11 / 10.92 / 10.37 / 8.78: these values rounded to 3 decimals, then to 2
-    base = [methods.build(_geometry("deit_base_patch16_224"), "tome", r=r).total_macs() / 1e9 for r in (8, 12, 13, 16)]
+    # docs/methods.md#reference-counts prints 13.11 / 10.92 / 10.37 / 8.78: these values rounded to 3 decimals, then to 2
+    base = [methods.build(timm_geometry("deit_base_patch16_224"), "tome", r=r).total_macs() / 1e9 for r in (8, 12, 13, 16)]
     assert [round(v, 3) for v in base] == [13.109, 10.915, 10.370, 8.775]
-    tokens = methods.build(_geometry("deit_small_patch16_224"), "tome", r=13).schedule().tokens_out
+    tokens = methods.build(timm_geometry("deit_small_patch16_224"), "tome", r=13).schedule().tokens_out
     assert tokens == tuple(197 - 13 * (i + 1) for i in range(12))  # 184 ... 41
     assert tokens[-1] == 41
 
 
 def test_merge_count_clamps_to_half_the_image_tokens():
-    tokens = methods.build(_geometry("deit_small_patch16_224"), "tome", r=60).schedule().tokens_out
+    tokens = methods.build(timm_geometry("deit_small_patch16_224"), "tome", r=60).schedule().tokens_out
     assert tokens[:5] == (1 + 136, 1 + 76, 1 + 38, 1 + 19, 1 + 10)  # 196-60, 136-60, then halves
 
 
@@ -212,13 +207,13 @@ def test_keep_ratio_maps_to_a_constant_r():
     # final image tokens int(196 * rho^3): 0.7 -> 67 (r = 11 leaves 64, r = 10 leaves 76);
     # 0.5 -> 24 (r = 14 leaves 28, r = 15 leaves 16); 0.8 -> 100 (r = 8 leaves exactly 100)
     assert [r_for_keep_ratio(196, 12, rho) for rho in (1.0, 0.8, 0.7, 0.5)] == [0, 8, 11, 14]
-    method = methods.build(_geometry("deit_small_patch16_224"), "tome", 0.7)
+    method = methods.build(timm_geometry("deit_small_patch16_224"), "tome", 0.7)
     assert set(method.merge_counts.values()) == {11} and method.layers == tuple(range(12))
-    assert methods.build(_geometry("deit_small_patch16_224"), "tome", 0.7, r=5).merge_counts[0] == 5
+    assert methods.build(timm_geometry("deit_small_patch16_224"), "tome", 0.7, r=5).merge_counts[0] == 5
 
 
 def test_bad_r_names_the_value_and_the_valid_ones():
-    geometry = _geometry("deit_small_patch16_224")
+    geometry = timm_geometry("deit_small_patch16_224")
     for bad in ("-1", "x", "2.5", -3, ""):
         with pytest.raises(MethodError, match=r"option r=.*valid: an integer >= 0"):
             methods.build(geometry, "tome", r=bad)

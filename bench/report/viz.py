@@ -23,8 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 import methods  # noqa: E402
 
-from .plots import save_figure  # noqa: E402
-from .report import parse_options_text  # noqa: E402
+from .figure import save_figure  # noqa: E402
 
 # Overlay colour (RGBA) per patch state; kept patches are left clear so the image shows through.
 # Dropped is red, not black: Fashion-MNIST and many photos have dark backgrounds.
@@ -159,19 +158,19 @@ def _configs(rows, target_ratio: float) -> list:
 
 
 def _build(row, model_name: str, checkpoint, pretrained: bool):
-    from .models import create_model, wants_pretrained
+    from ..models import create_model, wants_pretrained
 
     pretrained = wants_pretrained(model_name, checkpoint, pretrained)
     model = create_model(model_name, checkpoint=checkpoint, pretrained=pretrained)
-    opts = parse_options_text(row.get("options"))
-    layers = [int(i) for i in str(row.get("layers") or "").split(",") if i.strip()] or None
-    return methods.apply(model, row["method"], keep_ratio=float(row["keep_ratio"]), layers=layers, **opts)
+    layers = list(row.get("layers") or ()) or None
+    return methods.apply(model, row["method"], keep_ratio=float(row["keep_ratio"]), layers=layers,
+                         **dict(row.get("options") or {}))
 
 
 def _eval_images(rows, model_name: str, checkpoint, pretrained: bool, n_images: int):
     """(unpatched model, eval set, image batch) of the model the records measured; raises if unavailable."""
-    from .data import eval_dataset
-    from .models import EMBEDDED_MODEL, wants_pretrained
+    from ..data import eval_dataset
+    from ..models import EMBEDDED_MODEL, wants_pretrained
 
     if checkpoint is None and not wants_pretrained(model_name, checkpoint, pretrained):
         raise ValueError("the records name no weights, and pictures of random weights say nothing")
@@ -188,6 +187,7 @@ def write_pictures(summary, out_dir, n_images: int = 3, target_ratio: float = 0.
 
     Returns ({name: png path}, {what: why skipped}); nothing here is fatal to a report."""
     paths, skipped = {}, {}
+    summary = summary[summary["regime"] == "off-the-shelf"]  # the released weights, not a finetune's
     for (model_name, checkpoint, pretrained), rows in summary.groupby(["model", "checkpoint", "pretrained"]):
         checkpoint, name = checkpoint or None, model_name + (f" ({Path(checkpoint).name})" if checkpoint else "")
         try:

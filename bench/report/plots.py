@@ -8,33 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # reports are written on headless machines and inside jobs
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import methods
 
-import methods  # noqa: E402
+from .figure import BASELINE, method_style, save_figure
+from .frame import variant_label
 
-from .report import parse_options_text, variant_label  # noqa: E402
-
-BASELINE = "none"
-_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
 _DASHES = ("", (4, 2), (1, 1), (6, 2, 1, 2), (3, 3))
 _LINESTYLES = ("-", "--", ":", "-.")
 BASELINE_STYLE = dict(color="black", marker="*", s=220, zorder=5, label="baseline (none)")
-
-
-def method_style(method: str) -> dict:
-    """Colour and marker of a method, stable across figures and reports (registry order)."""
-    order = [m for m in methods.available() if m != BASELINE]
-    # an unregistered name (records from another checkout) still gets a colour of its own, stably
-    index = order.index(method) if method in order else len(order) + sum(map(ord, method))
-    palette = sns.color_palette("tab10", 10)
-    return dict(color=palette[index % 10], marker=_MARKERS[index % len(_MARKERS)])
 
 
 def _variant_styles(frame: pd.DataFrame) -> tuple[dict, dict, dict]:
@@ -65,15 +52,6 @@ def _legend_outside(fig, axes) -> None:
     if labels:
         axes[-1].legend([handles[k] for k in labels], labels, fontsize=8, loc="upper left",
                         bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write `path`.png (150 dpi) and `path`.pdf, close the figure, return the PNG path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
-    return path.with_suffix(".png")
 
 
 def _lines(ax, data: pd.DataFrame, x: str, y: str) -> None:
@@ -113,7 +91,7 @@ def tradeoff(summary: pd.DataFrame, x: str, xlabel: str, model: str):
 
 def throughput_vs_batch(tidy: pd.DataFrame, model: str):
     """img/s against batch size, one panel per keep ratio, interquartile band over repeats."""
-    tp = tidy[(tidy["metric"] == "throughput") & (tidy["status"] == "ok") & (tidy["model"] == model)].copy()
+    tp = tidy[(tidy["kind"] == "throughput") & (tidy["status"] == "ok") & (tidy["model"] == model)].copy()
     tp["batch"] = tp["batch_size_used"].fillna(tp["batch_size"]) if "batch_size_used" in tp else tp["batch_size"]
     tp["condition"] = tp["dtype"] + ", " + tp.get("device_name", tp["device"]).fillna(tp["device"]).astype(str)
     tp["variant"] = tp.apply(variant_label, axis=1)
@@ -141,30 +119,12 @@ def throughput_vs_batch(tidy: pd.DataFrame, model: str):
     return fig
 
 
-def _create_model(name: str):
-    from . import models
-
-    if hasattr(models, "create_model"):
-        return models.create_model(name)
-    import timm  # bench.models registered the embedded model on import
-
-    return timm.create_model(name)
-
-
-def _idle_tokens(row) -> list | None:
-    """(active, idle) per block from the method's own schedule: idle tokens are carried through the
-    block untouched by attention and MLP (IdleViT). None when the method is not registered here."""
-    import torch
-
-    try:
-        with torch.device("meta"):  # the geometry only: no weights, no memory
-            model = _create_model(row["model"])
-        opts = _parse_options(row.get("options"))
-        layers = [int(i) for i in str(row.get("layers") or "").split(",") if i.strip()] or None
-        sched = methods.build(model, row["method"], row["keep_ratio"], layers, **opts).schedule()
-        return [(b.n_attn, max(b.n_out - max(b.n_attn, b.n_mlp), 0)) for b in sched.blocks]
-    except Exception:  # unregistered method, unknown model offline: fall back to the recorded counts
+def _idle_tokens(blocks) -> list | None:
+    """(active, idle) per block from the FLOPs record's schedule: idle tokens are carried through a block
+    untouched by attention and MLP (IdleViT). None without a schedule (no FLOPs job in the run)."""
+    if not isinstance(blocks, list) or not blocks:
         return None
+    return [(b["n_attn"], max(b["n_out"] - max(b["n_attn"], b["n_mlp"]), 0)) for b in blocks]
 
 
 def tokens_per_layer(summary: pd.DataFrame, model: str):
@@ -181,7 +141,7 @@ def tokens_per_layer(summary: pd.DataFrame, model: str):
             blocks = np.arange(len(r.tokens_per_block))
             ax.plot(blocks, r.tokens_per_block, color=palette[r.variant], marker=markers[r.variant],
                     dashes=dashes[r.variant] or (None, None), label=r.variant, ms=5)
-            sched = _idle_tokens(r._asdict())
+            sched = _idle_tokens(getattr(r, "blocks", None))
             if sched and any(idle for _, idle in sched):
                 active, idle = np.array(sched).T
                 ax.fill_between(np.arange(len(active)), active, active + idle, color=palette[r.variant], alpha=0.15,
@@ -198,18 +158,12 @@ def tokens_per_layer(summary: pd.DataFrame, model: str):
     return fig
 
 
-def _parse_options(text) -> dict:
-    """'fuse=False,r=8' (the report's options text) -> {'fuse': 'False', 'r': '8'}."""
-    return parse_options_text(text)
-
-
 def varied_options(summary: pd.DataFrame) -> list[str]:
     """Option names (and 'layers') that take more than one value for some model and method."""
     varied = set()
-    parsed = summary.assign(_opts=summary["options"].map(_parse_options))
-    for _, group in parsed.groupby(["model", "method"]):
-        names = {k for d in group["_opts"] for k in d}
-        varied |= {k for k in names if len({d.get(k) for d in group["_opts"]}) > 1}
+    for _, group in summary.groupby(["model", "method"]):
+        names = {k for d in group["options"] for k in d}
+        varied |= {k for k in names if len({d.get(k) for d in group["options"]}) > 1}
         if group["layers"].nunique() > 1:
             varied.add("layers")
     return sorted(varied)
@@ -219,10 +173,10 @@ def ablation(summary: pd.DataFrame, option: str, y: str = "top1", ylabel: str = 
     """A metric against the value of one varied option; one line per method and keep ratio."""
     rows = summary[(summary["method"] != BASELINE) & summary[y].notna()].copy()
     if option == "layers":
-        rows["value"] = rows["layers"].replace("", "default")
-    else:
-        rows["value"] = [_parse_options(t).get(option, _default(m, option))
-                         for t, m in zip(rows["options"], rows["method"])]
+        rows["value"] = [",".join(map(str, layers)) or "default" for layers in rows["layers"]]
+    else:  # display text of each value, for the category axis
+        rows["value"] = [_value_text(options[option]) if option in options else _default(m, option)
+                         for options, m in zip(rows["options"], rows["method"])]
     varied = rows.groupby(["model", "method"])["value"].transform("nunique") > 1
     rows = rows[varied]  # only the methods this ablation is about
     prefix = rows["model"] + ": " if rows["model"].nunique() > 1 else ""
@@ -241,6 +195,10 @@ def ablation(summary: pd.DataFrame, option: str, y: str = "top1", ylabel: str = 
     ax.grid(alpha=0.3)
     _legend_outside(fig, [ax])
     return fig
+
+
+def _value_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _default(method: str, option: str) -> str:
@@ -278,7 +236,7 @@ def write_figures(tidy: pd.DataFrame, summary: pd.DataFrame, out_dir) -> dict[st
                                 ("img_s", f"images / s{_throughput_conditions(summary, model)}", "top1_vs_throughput")):
             if {"top1", x} <= set(summary) and (summary["top1"].notna() & summary[x].notna()).any():
                 paths[f"{name} ({model})"] = save_figure(tradeoff(summary, x, xlabel, model), out_dir / f"{name}_{slug}")
-        if (tidy.get("metric") == "throughput").any():
+        if (tidy.get("kind") == "throughput").any():
             paths[f"throughput_vs_batch ({model})"] = save_figure(throughput_vs_batch(tidy, model),
                                                             out_dir / f"throughput_vs_batch_{slug}")
         if "tokens_per_block" in summary and summary["tokens_per_block"].map(lambda t: isinstance(t, list)).any():
