@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 from bench.request import DEFAULT_ARRAY_PARALLELISM, DEFAULT_TIME, LAUNCHERS, DispatchOptions, Request
@@ -73,7 +74,41 @@ def _positive_int(text: str) -> int:
 
 
 def _non_negative_int(text: str) -> int:
-    return 0 if str(text).strip() == "0" else _positive_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0; valid: 0, 1, 2, ...")
+    return value
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2), each once, in the order given."""
+    out = []
+    for item in _items(text) or (text,):
+        if not item.isdigit():
+            raise argparse.ArgumentTypeError(f"seed {item!r} is not an integer >= 0; valid: e.g. 0,1,2")
+        out.append(int(item))
+    return tuple(dict.fromkeys(out))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number; valid: e.g. 1, 2.5")
+    return value
+
+
+def _setting(text: str) -> tuple[str, str]:
+    """'NAME=VALUE' -> (name, value); the recipe checks both."""
+    name, found, value = text.partition("=")
+    if not (found and name.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. lr=1e-4)")
+    return name.strip(), value.strip()
 
 
 def _layer_set(text: str) -> tuple[str | None, tuple[int, ...]]:
@@ -114,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma list of method names (default: every registered method; see methods/); the "
                            "unpatched baseline 'none' is always measured")
     grid.add_argument("--ratios", type=_ratios, default=(0.7,), help="comma list of keep ratios in (0, 1]")
-    grid.add_argument("--models", type=_items, default=(EMBEDDED_MODEL,), help="comma list of timm ViT names")
+    grid.add_argument("--models", type=_items, default=(EMBEDDED_MODEL,), help=f"comma list of timm ViT names (default: {EMBEDDED_MODEL})")
     grid.add_argument("--metrics", type=_items, default=None,
-                      help="comma list of job kinds to measure (default: every measuring kind: acc, flops, throughput)")
+                      help="comma list of job kinds to measure: acc, flops, throughput (the default set) and trace "
+                           "(decision traces for the agreement report)")
     grid.add_argument("--layers", type=_layer_set, action="append", default=[], metavar="[METHOD=]I,J,K",
                       help="reduction blocks (0-based), e.g. evit=3,6,9; without METHOD= for every method; "
                            "repeat for one method to sweep layer sets")
@@ -131,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights")
     weights.add_argument("--random-weights", action="store_true",
                          help="evaluate an untrained model on purpose (otherwise refused: its accuracy means nothing)")
+    setup.add_argument("--skip-unreadable", action="store_true",
+                       help="accuracy: leave out images that cannot be decoded (the record lists them) "
+                            "instead of failing the job")
     setup.add_argument("--batch-size", type=_positive_int, default=256, help="accuracy batch size")
     setup.add_argument("--batch-sizes", type=_positive_ints, default=None,
                        help="throughput batch sizes (default: 1,64 on CPU, 1,64,256 on GPU)")
@@ -138,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--dtype", choices=DTYPES, default="fp32")
     setup.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images only")
     setup.add_argument("--seed", type=_non_negative_int, default=0)
+    setup.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
+                       help="run every seed-dependent configuration (a method with a seed option, e.g. random; "
+                            "a finetuned one) once per seed; the others keep --seed (docs/protocol.md#seeds)")
+    setup.add_argument("--trace-images", type=_positive_int, default=None,
+                       help="trace jobs (--metrics trace): trace the first N eval images (default 1000, "
+                            "within --limit)")
     timing = p.add_argument_group("throughput", "timing knobs (default: the device's defaults, "
                                   "bench/jobs/throughput.py)")
     timing.add_argument("--warmup", type=_non_negative_int, default=None, help="warm-up forwards per model")
@@ -147,7 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--iters", type=_positive_int, default=None, help="forwards per timing (default: calibrated)")
     timing.add_argument("--fused-attn", choices=("on", "off"), default=None,
                         help="timm's fused attention for both models (default: timm's setting)")
+    timing.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the patched model and its baseline alike (fullgraph=False)")
+    timing.add_argument("--batch-sweep", action="store_true", default=None,
+                        help="time batch 1, 2, 4, ... up to the largest --batch-sizes and report the smallest "
+                             "batch at which each method beats the unpatched model")
+    tune = p.add_argument_group("finetuning", "finetune every method configuration before its accuracy job "
+                                "(docs/methods.md#training-summary); the baseline stays the released model")
+    tune.add_argument("--finetune-epochs", type=_positive_float, default=None,
+                      help="epochs of finetuning (fractions allowed); without it everything is off the shelf")
+    tune.add_argument("--finetune-opt", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                      help="a recipe setting, e.g. lr=1e-4, distill=kl, cut_weight=10 (bench/training/recipe.py)")
+    tune.add_argument("--train-dir", default=None,
+                      help="ImageNet-style training folder (default: the embedded Fashion-MNIST training subset)")
     run = p.add_argument_group("run")
+    run.add_argument("--sweep", metavar="FILE", default=None,
+                     help="an ablation sweep (TOML or YAML, see sweeps/): its points are crossed with these flags")
     run.add_argument("--out", default=None, help="run folder (default: results/<YYYYmmdd-HHMMSS>)")
     run.add_argument("--force", action="store_true", help="recompute jobs that already have records")
     run.add_argument("--retry-failed", action="store_true", help="rerun jobs whose last attempt failed")
@@ -184,6 +244,8 @@ def _dispatch_arguments(p: argparse.ArgumentParser) -> None:
     slurm.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
                        help="shell line run before each job, e.g. 'module load cuda; source venv/bin/activate' "
                             "(repeatable)")
+    slurm.add_argument("--finetune-gpus", type=_positive_int, default=1,
+                       help="GPUs of each finetune job, one data-parallel process each (DDP), local and slurm")
     slurm.add_argument("--array-parallelism", type=_positive_int, default=DEFAULT_ARRAY_PARALLELISM,
                        help="at most this many tasks of one array run at once")
     slurm.add_argument("--max-array-size", type=_positive_int, default=None,
@@ -192,8 +254,10 @@ def _dispatch_arguments(p: argparse.ArgumentParser) -> None:
 
 # Flags that shape the grid: meaningless with --collect, which takes the grid from the run folder.
 _GRID_FLAGS = ("methods", "ratios", "models", "metrics", "layers", "method_opt", "data_dir", "checkpoint",
-               "pretrained", "random_weights", "batch_size", "batch_sizes", "device", "dtype", "limit", "seed",
-               "warmup", "repeats", "max_repeats", "iters", "fused_attn", "out")
+               "pretrained", "random_weights", "skip_unreadable", "batch_size", "batch_sizes", "device", "dtype", "limit", "seed",
+               "seeds", "trace_images", "warmup", "repeats", "max_repeats", "iters", "fused_attn", "compile",
+               "batch_sweep", "out", "finetune_epochs", "finetune_opt", "sweep",
+               "train_dir")
 
 
 def parse(argv: list[str] | None = None) -> tuple[Request, str | None]:
@@ -215,19 +279,30 @@ def parse(argv: list[str] | None = None) -> tuple[Request, str | None]:
         constraint=args.constraint, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
         mem=args.mem, exclusive=args.exclusive, throughput_exclusive=args.throughput_exclusive,
         slurm_setup=tuple(args.slurm_setup), array_parallelism=args.array_parallelism,
-        max_array_size=args.max_array_size,
+        max_array_size=args.max_array_size, finetune_gpus=args.finetune_gpus,
     )
     knobs = dict(warmup=args.warmup, repeats=args.repeats, max_repeats=args.max_repeats, iters=args.iters,
-                 fused_attn=None if args.fused_attn is None else args.fused_attn == "on")
+                 fused_attn=None if args.fused_attn is None else args.fused_attn == "on",
+                 compile=args.compile, batch_sweep=args.batch_sweep)
+    finetune = {}
+    if args.finetune_epochs is not None or args.finetune_opt or args.train_dir:
+        if args.finetune_epochs is None:
+            raise CliError("argument --finetune-opt/--train-dir: finetuning needs --finetune-epochs N")
+        finetune = dict(args.finetune_opt, epochs=args.finetune_epochs)
+        if args.train_dir:
+            finetune["train_data"] = str(Path(args.train_dir).resolve())
     request = Request(
         models=args.models, methods=args.methods, ratios=args.ratios, metrics=args.metrics,
         layer_sets=tuple(args.layers), method_options=tuple(args.method_opt), data=args.data_dir,
         checkpoint=args.checkpoint, pretrained=args.pretrained, random_weights=args.random_weights,
+        skip_unreadable=args.skip_unreadable,
         batch_size=args.batch_size, batch_sizes=args.batch_sizes, device=args.device, dtype=args.dtype,
-        limit=args.limit, seed=args.seed,
+        limit=args.limit, seed=args.seed, seeds=args.seeds, trace_images=args.trace_images,
         # only the knobs the user set, so a default run's keys do not change with the defaults' file
         throughput=tuple((k, v) for k, v in knobs.items() if v is not None),
-        out=args.out, dispatch=options,
+        finetune=tuple(sorted(finetune.items())), dispatch=options, sweep=args.sweep,
+        # one folder for every point of a sweep, named once
+        out=args.out if args.out is not None or not args.sweep else time.strftime("results/%Y%m%d-%H%M%S"),
     )
     return request, args.collect
 
@@ -259,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         if collect_dir is not None:
             run_dir = Path(collect_dir)
             summary = dispatch.collect(run_dir, request.dispatch)
+        elif request.sweep is not None:
+            from bench import sweep
+
+            plan = grid.plan_many(sweep.expand(request.sweep, request))
         else:
             plan = grid.plan(request)
             run_dir = Path(plan.run_dir)
@@ -275,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the run folder's disk (full, read-only): finished records are kept
         print(f"{PROG}: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    return _finish(summary, run_dir, report.write_after_run(run_dir, PROG))
+    try:
+        reported = report.write_after_run(run_dir, PROG)
+    except KeyboardInterrupt:  # the records are written; only the report is missing
+        print(f"\n{PROG}: interrupted while writing the report; rebuild it with: python -m bench.report {run_dir}",
+              file=sys.stderr)
+        return 130
+    return _finish(summary, run_dir, reported)
 
 
 if __name__ == "__main__":

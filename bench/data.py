@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import timm.data
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -183,25 +183,67 @@ class FashionMNISTImages(Dataset):
         return self.transform(image), self.targets[index]
 
 
-class EvalSet(Subset):
-    """The images a job evaluates, in order, with the transform config and class names they used."""
+UNREADABLE = -1  # the label of an image left out by skip_unreadable; `evaluate` drops such rows
+SKIP_HINT = "valid: an image file PIL can decode, or --skip-unreadable to leave such images out (the record lists them)"
 
-    def __init__(self, dataset: Dataset, indices: list[int], data_config: dict, classes, source: str):
+
+class UnreadableImage(DataError):
+    """An image of an eval folder that cannot be decoded; the message names the file.
+
+    A DataLoader worker re-raises an exception as `type(exc)(text)` with the worker's traceback as the
+    text; this class keeps only its own line of it, so the job's error stays one line naming the file."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if "Original Traceback" in message:
+            ours = [line[len(marker):] for line in message.splitlines() if line.startswith(marker)]
+            message = ours[-1] if ours else message.strip().splitlines()[-1]
+        super().__init__(message)
+
+
+class EvalSet(Subset):
+    """The images a job evaluates, in order, with the transform config and class names they used.
+
+    With `skip_unreadable`, an image that cannot be decoded becomes a blank image labelled UNREADABLE,
+    which `evaluate` leaves out (batches keep their shape, so workers need not tell the main process)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], data_config: dict, classes, source: str,
+                 skip_unreadable: bool = False):
         super().__init__(dataset, indices)
         self.data_config = data_config
         self.classes = list(classes)
         self.targets = [dataset.targets[i] for i in indices]
         self.source = source
+        self.skip_unreadable = skip_unreadable
+
+    def __getitem__(self, position: int):
+        try:
+            return super().__getitem__(position)
+        except UnreadableImage:
+            if not self.skip_unreadable:
+                raise
+            return torch.zeros(tuple(self.data_config["input_size"])), UNREADABLE
+
+    def __getitems__(self, positions: list[int]) -> list:
+        return [self[position] for position in positions]  # Subset's batched fetch would bypass the skip
+
+    def file_of(self, position: int) -> str:
+        """The file the image at `position` of the order was read from (its index for in-memory data)."""
+        samples = getattr(self.dataset, "samples", None)
+        index = self.indices[position]
+        return samples[index][0] if samples is not None else f"image #{index}"
 
 
-def eval_dataset(data: str, model: torch.nn.Module, limit: int | None = None) -> EvalSet:
+def eval_dataset(data: str, model: torch.nn.Module, limit: int | None = None,
+                 skip_unreadable: bool = False) -> EvalSet:
     """(image tensor, label) pairs of `data` through `model`'s timm eval transform.
 
     `data` is "fashion-mnist" (the test split of the embedded default) or an ImageNet-style folder
     (torchvision ImageFolder: sorted class folders give the label ids). Grey and RGB images are
     converted to the model's input channels. `limit` keeps the first N images of the dataset's order:
     file order for Fashion-MNIST; for folders, classes interleaved (1st image of every class, then
-    every 2nd, ...) so that a prefix covers the classes evenly.
+    every 2nd, ...) so that a prefix covers the classes evenly. An image that cannot be decoded raises
+    UnreadableImage naming it, or with `skip_unreadable` is left out (`EvalSet`).
     """
     config = data_config(model)
     transform = timm.data.create_transform(**config)
@@ -217,7 +259,7 @@ def eval_dataset(data: str, model: torch.nn.Module, limit: int | None = None) ->
                               allow_empty=True)  # an empty class keeps its label id; check_folder saw images
         order = class_interleaved(dataset.targets)
         source = str(root)
-    return EvalSet(dataset, order[:_check_limit(limit)], config, dataset.classes, source)
+    return EvalSet(dataset, order[:_check_limit(limit)], config, dataset.classes, source, skip_unreadable)
 
 
 def check_data(data: str) -> str:
@@ -277,8 +319,18 @@ def data_config(model: torch.nn.Module) -> dict:
 
 
 def load_image(path: str, mode: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    """The image at `path` in PIL `mode`; UnreadableImage naming the file if it cannot be decoded.
+    Decoding is the only check that finds a truncated file, so it happens here, not in pre-flight,
+    which cannot afford to decode every image of a 50,000-image folder."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert(mode)  # convert loads: a truncated file fails here, not at open
+    except UnidentifiedImageError:
+        reason = "not an image format PIL knows"
+    except Exception as exc:  # PIL raises many types for a damaged file (OSError, SyntaxError, zlib.error, ...)
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'damaged'}"
+    raise UnreadableImage(f"image {path} cannot be read ({reason}); {SKIP_HINT}")
 
 
 def class_interleaved(targets: list[int]) -> list[int]:

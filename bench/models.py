@@ -85,10 +85,12 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None, pretrai
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def wants_pretrained(name: str, checkpoint, pretrained: bool) -> bool:
-    """Whether a job loads the pretrained weights: as asked, except that the embedded model always
-    loads its committed weights when no checkpoint is given, because it is meaningless untrained."""
-    return bool(pretrained) or (checkpoint is None and _arch_name(name) == EMBEDDED_MODEL)
+def wants_pretrained(name: str, checkpoint, pretrained: bool, random_weights: bool = False) -> bool:
+    """Whether a job loads the pretrained weights: as asked, except that the embedded model loads its
+    committed weights when no checkpoint is given, because it is meaningless untrained, unless the user
+    asked for an untrained model (`--random-weights`): then the record's "random-init" is the truth."""
+    embedded_default = checkpoint is None and _arch_name(name) == EMBEDDED_MODEL and not random_weights
+    return bool(pretrained) or embedded_default
 
 
 def weights_of(spec) -> str:
@@ -98,7 +100,8 @@ def weights_of(spec) -> str:
         return "finetuned"
     if spec.checkpoint is not None:
         return f"checkpoint:{spec.checkpoint}"
-    return "pretrained" if wants_pretrained(spec.model, spec.checkpoint, spec.pretrained) else "random-init"
+    wanted = wants_pretrained(spec.model, spec.checkpoint, spec.pretrained, spec.random_weights)
+    return "pretrained" if wanted else "random-init"
 
 
 def check_weights(spec) -> None:
@@ -111,7 +114,7 @@ def check_weights(spec) -> None:
                          "on purpose")
     if spec.checkpoint is not None:
         check_checkpoint(spec.model, spec.checkpoint)
-    elif wants_pretrained(spec.model, spec.checkpoint, spec.pretrained):
+    elif wants_pretrained(spec.model, spec.checkpoint, spec.pretrained, spec.random_weights):
         check_pretrained_available(spec.model)
 
 
@@ -190,13 +193,38 @@ def read_checkpoint(path) -> dict[str, torch.Tensor]:
     try:
         state_dict = load_state_dict(str(path), use_ema=False)
     except Exception as exc:  # torch.load / safetensors raise many types for a damaged file
-        raise ModelError(f"checkpoint {str(path)!r} cannot be read ({_first_line(exc)}); "
+        raise ModelError(f"checkpoint {str(path)!r} cannot be read: {what_file(path, exc)}; "
                          "valid: a .pth, .pt or .safetensors file of a state dict") from None
     if not isinstance(state_dict, dict) or not state_dict or \
             not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ModelError(f"checkpoint {str(path)!r} holds no state dict; valid: a state dict, "
                          "or a dict with it under 'model' or 'state_dict'")
     return state_dict
+
+
+def what_file(path: Path, exc: BaseException) -> str:
+    """What a file that does not load as a checkpoint is, from its first bytes: the loaders' own
+    messages ("101", "pop from empty list") describe their parsers, not the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        size = path.stat().st_size
+    except OSError as error:
+        return f"{error.strerror or error}"
+    if not head:
+        return "it is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the weights (fetch them with: git lfs pull)"
+    if head.startswith((b"PK\x03\x04", b"\x80")) or (size > 8 and head[8:9] == b"{"):  # zip, pickle, safetensors
+        return f"it is a damaged or truncated checkpoint of {size} bytes ({_first_line(exc)})"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it is a {size}-byte binary file of no checkpoint format (starts {head[:8].hex(' ')})"
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "it is an HTML page (a failed download?), not weights"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"it is a text file, not weights (starts {first[:40]!r})"
 
 
 def load_weights(model: nn.Module, state_dict: dict, source, convert: bool = True) -> None:

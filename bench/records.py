@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,23 +41,48 @@ def preds_path(run_dir, key: str) -> Path:
     return records_dir(run_dir) / f"{key}.preds.npz"
 
 
+class StorageError(OSError):
+    """A file of the run folder cannot be written (disk full, read-only file system): its message is one
+    line naming the path and the errno. Finished records stay as they are."""
+
+
+def storage_error(exc: OSError, path, advice: str = "") -> StorageError:
+    """`exc` as a StorageError whose message names `path` (the kernel names no file for a failed write)."""
+    text = exc.strerror if isinstance(exc, StorageError) else \
+        f"cannot write {path}: {exc.strerror or exc} (errno {exc.errno})"
+    return StorageError(exc.errno, text + (f"; {advice}" if advice else ""))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, flush, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Temp file in the same folder, write, fsync, rename: readers see the old file or the new one. A
+    failure (disk full, read-only) removes the temp file and raises StorageError naming `path`."""
+    path, tmp = Path(path), None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a shared run folder must be readable
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a shared run folder must be readable
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass  # already renamed, or the file system refuses even that: nothing more to do
+        if isinstance(exc, OSError):
+            raise storage_error(exc, path) from None
         raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take fewer bytes than it was given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _umask() -> int:
@@ -138,7 +164,42 @@ def read_record(path: Path) -> Record:
         raise RecordError(f"{path}: key or status does not match its spec")
     if status == "ok" and not isinstance(data.get("metrics"), dict):
         raise RecordError(f"{path}: finished record without metrics")
+    if status == "ok" and data["metrics"].get("preds_file") is not None:
+        _check_predictions(Path(path), data["metrics"])
     return Record(spec.key, status, spec, data, Path(path))
+
+
+def _check_predictions(path: Path, metrics: dict) -> None:
+    """A finished accuracy record stands only with its per-image predictions, which every paired
+    statistic reads: a record whose predictions file is missing or damaged is not finished."""
+    name = str(metrics["preds_file"])
+    if Path(name).name != name:
+        raise RecordError(f"{path}: predictions file {name!r} is not a file name beside the record")
+    preds = path.with_name(name)
+    try:
+        stat = preds.stat()
+    except OSError:
+        raise RecordError(f"{path}: its predictions file {name} is missing") from None
+    problem = _predictions_problem(str(preds), stat.st_ino, stat.st_mtime_ns, stat.st_size, metrics.get("n_images"))
+    if problem is not None:
+        raise RecordError(f"{path}: its predictions file {name} {problem}")
+
+
+@lru_cache(maxsize=4096)  # keyed by the file's identity and version: each version is read once
+def _predictions_problem(preds: str, inode: int, mtime_ns: int, size: int, n_images) -> str | None:
+    import numpy as np
+
+    try:
+        with np.load(preds, allow_pickle=False) as npz:
+            labels, top5 = npz["labels"], npz["top5"]
+    except Exception as exc:  # numpy, zipfile and zlib raise many types for a damaged file
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"cannot be read ({type(exc).__name__}{': ' + detail[:120] if detail else ''})"
+    if labels.ndim != 1 or top5.ndim != 2 or top5.shape[0] != labels.shape[0]:
+        return f"has labels {labels.shape} and top5 {top5.shape}, not the predictions of one set of images"
+    if n_images is not None and labels.shape[0] != n_images:
+        return f"holds {labels.shape[0]} images, the record {n_images}"
+    return None
 
 
 def scan(run_dir) -> tuple[dict[str, Record], dict[str, Record], list[str]]:

@@ -62,6 +62,7 @@ class DispatchOptions:
     slurm_setup: tuple[str, ...] = field(default=())
     array_parallelism: int = DEFAULT_ARRAY_PARALLELISM
     max_array_size: int | None = None  # None: the cluster's MaxArraySize
+    finetune_gpus: int = 1  # processes (one per GPU) of each data-parallel job: DDP inside one job
 
     def __post_init__(self):
         if self.launcher is not None and self.launcher not in LAUNCHERS:
@@ -70,7 +71,8 @@ class DispatchOptions:
         for flag, value, minimum in (("--gpus-per-node", self.gpus_per_node, 0),
                                      ("--cpus-per-task", self.cpus_per_task, 1),
                                      ("--array-parallelism", self.array_parallelism, 1),
-                                     ("--max-array-size", self.max_array_size, 1)):
+                                     ("--max-array-size", self.max_array_size, 1),
+                                     ("--finetune-gpus", self.finetune_gpus, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
                 raise LaunchError(f"{flag} {value!r} is not valid; valid: an integer >= {minimum}")
         if self.mem is not None and not _MEM.fullmatch(str(self.mem).strip()):
@@ -80,6 +82,10 @@ class DispatchOptions:
             value = getattr(self, flag)
             if value is not None and (not str(value).strip() or any(c.isspace() for c in str(value))):
                 raise LaunchError(f"--{flag} {value!r} is not valid; valid: a SLURM name without spaces")
+
+    def processes(self, data_parallel: bool) -> int:
+        """Processes of one job: --finetune-gpus for kinds that train data-parallel, else one."""
+        return self.finetune_gpus if data_parallel else 1
 
     @property
     def time_min(self) -> int:
@@ -98,13 +104,17 @@ class Request:
     checkpoint: str | None = None
     pretrained: bool = False
     random_weights: bool = False
+    skip_unreadable: bool = False  # accuracy: leave images that cannot be decoded out, and list them
     batch_size: int = 256  # accuracy
     batch_sizes: tuple[int, ...] | None = None  # throughput; None: the device's defaults
     device: str | None = None  # None: cuda if available
     dtype: str = "fp32"
     limit: int | None = None
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # --seeds: one job per seed of each seed-dependent configuration
+    trace_images: int | None = None  # trace jobs: images traced; None: the kind's default
     throughput: tuple[tuple[str, Any], ...] = ()  # timing knobs the user set (warmup, repeats, ...)
     finetune: tuple[tuple[str, Any], ...] = ()  # finetune recipe settings the user set; () = off-the-shelf
     out: str | None = None  # None: results/<timestamp>
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
+    sweep: str | None = None  # a sweep file whose points are planned with these settings (bench/sweep.py)

@@ -59,6 +59,26 @@ def preflight(specs: Sequence[JobSpec], run_dir, devices_here: bool = True) -> N
 
 
 # ---------------------------------------------------------------------------------------------
+# Flags given empty
+
+_EMPTY_HINTS = {
+    "--out": "a folder name, or no --out for results/<timestamp>",
+    "--data-dir": "an ImageNet-style folder, or no --data-dir for the embedded Fashion-MNIST",
+    "--checkpoint": "a .pth, .pt or .safetensors file, or no --checkpoint",
+    "--device": "cpu, cuda, cuda:1, ..., or no --device",
+}
+
+
+def check_given_values(values: dict) -> None:
+    """A flag given as an empty or blank string (a shell variable that was never set) is a mistake:
+    taken as "not given", `--out ""` would write to a new folder and `--data-dir ""` measure the
+    embedded data set instead of the one meant."""
+    for flag, value in values.items():
+        if value is not None and not str(value).strip():
+            raise UsageError(f"{flag} {value!r} is empty; valid: {_EMPTY_HINTS.get(flag, 'a value')}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Job fields
 
 def check_fields(spec: JobSpec) -> None:

@@ -1,4 +1,4 @@
-"""The method interface: options, count rules, schedules, the registry and `apply`.
+"""The method interface: options, count rules, schedules (the registry and `apply` are in methods.registry).
 
 A method is a `Method` subclass that
 - declares its name, aliases, options, default reduction layers and count rule,
@@ -8,7 +8,14 @@ A method is a `Method` subclass that
 - adds its own overhead to the analytic multiply-accumulate count (`block_macs`).
 
 Everything here is model-agnostic: no 196, no 224, no model-name parsing; what a model looks like
-is read by `methods.geometry`.
+is read by `methods.geometry` (flat ViTs) and `methods.swin` (Swin). Beyond one flat token sequence
+(docs/methods.md#method-interface):
+- a block's tokens may be split into attention windows (`BlockTokens.windows`, Swin) and its keys may be
+  more than its queries (`BlockTokens.n_kv`); a hierarchical model's cost is also given per stage
+  (`Method.stage_macs`);
+- an adaptive method (`Method.adaptive`, e.g. ATS) keeps a different number of tokens per image: its
+  `schedule()` is then an upper bound, and after a forward with tracing on, `image_schedules()` holds one
+  schedule per image and `macs_per_image()` their analytic costs (methods.flops.per_image_macs).
 """
 from __future__ import annotations
 
@@ -20,8 +27,9 @@ import torch
 from torch import nn
 
 from .errors import MethodError
-from .geometry import Geometry, standard_block_macs, stock_type
+from .geometry import Geometry, stock_type
 from .options import Option, validate_options
+from .tokens import BlockTokens, Schedule  # noqa: F401  (part of the interface: methods import them from here)
 
 # Per-forward auxiliary outputs kept on the model (`model.token_reduction.aux[kind][block_index]`).
 # Recorded only while `model.token_reduction.state.trace` is on or the model is training, so
@@ -34,31 +42,11 @@ from .options import Option, validate_options
 #   "idle_mask"   (B, N) float   IdleViT: 1 = selected in this layer, 0 = idle (prefix always 1)
 #   "attn_logits" (B, H, N, N)   IdleViT training: raw, unmasked attention logits for the token-cut loss
 #   "decision"    (B, N0) float  DynamicViT training: the stage's hard keep decision per original patch
+#   "tokens_in"   (B,) long      adaptive methods (ATS): tokens entering the block, per image (prefix included)
+#   "tokens_out"  (B,) long      adaptive methods (ATS): tokens leaving it (= its queries and MLP tokens), per image
+#   "window"      (N0,) long     Swin methods: the attention window of every original patch in this block
+#                                (after the cyclic shift), to draw the window grid
 KEPT, IDLE, DROPPED, FUSED = 0, 1, 2, 3  # values of "patch_state"
-
-
-@dataclass(frozen=True)
-class BlockTokens:
-    """Token counts one block processes; all counts include the prefix tokens."""
-
-    n_in: int  # tokens in the stream entering the block
-    n_attn: int  # tokens taking part in attention (queries and keys)
-    n_mlp: int  # tokens going through the MLP
-    n_out: int  # tokens leaving the block
-    action: str = ""  # "", "idle", "prune", "fuse", "merge": what the block does to the rest
-
-
-@dataclass(frozen=True)
-class Schedule:
-    blocks: tuple[BlockTokens, ...]
-
-    @property
-    def tokens_out(self) -> tuple[int, ...]:
-        return tuple(b.n_out for b in self.blocks)
-
-    @property
-    def tokens_attn(self) -> tuple[int, ...]:
-        return tuple(b.n_attn for b in self.blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +121,17 @@ class Method:
     options: ClassVar[dict[str, Option]] = {}
     # Named layer presets: name -> function(depth) -> block indices. The first one is the default.
     layer_presets: ClassVar[dict[str, Any]] = {}
+    # Finetuning (docs/methods.md#training-summary): the paper's recipe settings where they differ from the
+    # common recipe of bench/training/recipe.py (loss weights, distillation, frozen parameters, ...).
+    finetune_defaults: ClassVar[dict[str, Any]] = {}
+    # Whether `keep_ratio` may change between forwards (a keep-rate warm-up): the counts are computed
+    # from it at forward time rather than fixed when the method is built.
+    live_keep_ratio: ClassVar[bool] = False
+    # The model families the method patches (`Geometry.family`): "vit" (methods.geometry), "swin" (methods.swin).
+    families: ClassVar[tuple[str, ...]] = ("vit",)
+    # Token counts that differ per image (ATS): `schedule()` is an upper bound, the per-image counts of a
+    # traced forward are in `image_schedules()` (docs/methods.md#per-image-counts).
+    adaptive: ClassVar[bool] = False
 
     def __init__(self, geometry: Geometry, keep_ratio: float, layers: tuple[int, ...], options: dict):
         self.geometry = geometry
@@ -160,6 +159,18 @@ class Method:
         return cls.default_layers(depth)
 
     @classmethod
+    def layers_for(cls, geometry, options: dict) -> tuple[int, ...]:
+        """The default layers on this model: `resolve_layers(depth)`, unless the method reads more of the
+        model than its depth (the Swin methods read the stage layout)."""
+        return cls.resolve_layers(geometry.depth, options)
+
+    @classmethod
+    def refusal(cls, geometry) -> str | None:
+        """Why this method cannot run on a model of this geometry (its family and CLS token already
+        checked by `build`), or None. The base: nothing more to check."""
+        return None
+
+    @classmethod
     def canonical_config(cls, depth: int, layers: Sequence[int] | None, options: dict) -> "CanonicalConfig":
         """One spelling per configuration: layers None when they are the default ones for `depth` and
         the options, and only the options that differ from their defaults (values coerced)."""
@@ -169,29 +180,73 @@ class Method:
         return CanonicalConfig(None if chosen == cls.resolve_layers(depth, opts) else chosen, differing)
 
     def schedule(self) -> Schedule:
-        """Token counts per block. The base: nothing is reduced."""
-        n = self.geometry.num_tokens
-        return Schedule(tuple(BlockTokens(n, n, n, n) for _ in range(self.geometry.depth)))
+        """Token counts per block. The base: nothing is reduced (`geometry.stock_tokens`)."""
+        return Schedule(tuple(self.geometry.stock_tokens(i) for i in range(self.geometry.depth)))
 
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
         """Analytic MACs of block `index`; override to ADD the method's own overhead (predictors,
-        scoring, matching) to `standard_block_macs(n_attn, n_mlp)`, which must stay the plain cost
-        of the block on its scheduled tokens: `total_macs(include_overhead=False)` relies on it."""
-        return standard_block_macs(self.geometry, tokens.n_attn, tokens.n_mlp)
+        scoring, matching) to `plain_block_macs(index, tokens)` (`standard_block_macs(n_attn, n_mlp)`
+        on a ViT), which must stay the plain cost of the block on its scheduled tokens:
+        `total_macs(include_overhead=False)` relies on it."""
+        return self.plain_block_macs(index, tokens)
 
-    def total_macs(self, include_overhead: bool = True) -> int:
-        """Stem + blocks + head (an attention-pool head on the tokens leaving the last block). Without
-        overhead: only what stock blocks on the scheduled tokens cost, the convention of papers that
-        leave a method's own overhead out (methods.flops)."""
-        g, sched = self.geometry, self.schedule()
-        if include_overhead:
-            blocks = (self.block_macs(i, bt) for i, bt in enumerate(sched.blocks))
-        else:
-            blocks = (standard_block_macs(g, bt.n_attn, bt.n_mlp) for bt in sched.blocks)
-        return g.stem_macs + sum(blocks) + g.head_cost(sched.blocks[-1].n_out)
+    def plain_block_macs(self, index: int, tokens: BlockTokens) -> int:
+        """What the stock block costs on the scheduled tokens (docs/methods.md#block-cost), read from the
+        geometry: `standard_block_macs(n_attn, n_mlp)` on a ViT; windows, keys and the stage's width on a
+        Swin (methods.swin.swin_block_macs)."""
+        return self.geometry.block_macs(index, tokens)
+
+    def total_macs(self, include_overhead: bool = True, schedule: Schedule | None = None) -> int:
+        """Stem + blocks + head (an attention-pool head on the tokens leaving the last block), plus the
+        geometry's fixed parts (Swin's PatchMerging). Without overhead: only what stock blocks on the
+        scheduled tokens cost, the convention of papers that leave a method's own overhead out
+        (methods.flops). `schedule`: another schedule than `schedule()` (one image's, `image_schedules`)."""
+        g, sched = self.geometry, schedule or self.schedule()
+        cost = self.block_macs if include_overhead else self.plain_block_macs
+        blocks = sum(cost(i, bt) for i, bt in enumerate(sched.blocks))
+        return g.stem_macs + blocks + g.fixed_macs + g.head_cost(sched.blocks[-1].n_out)
+
+    def stage_macs(self, include_overhead: bool = True, schedule: Schedule | None = None) -> list[int] | None:
+        """Hierarchical models: MACs of the blocks of each stage, with the PatchMerging that starts it;
+        None for a flat ViT (one stage: `total_macs` minus stem and head)."""
+        stages = getattr(self.geometry, "stages", None)
+        if stages is None:
+            return None
+        sched = schedule or self.schedule()
+        cost = self.block_macs if include_overhead else self.plain_block_macs
+        return [stage.merge_macs + sum(cost(i, sched.blocks[i]) for i in stage.blocks) for stage in stages]
+
+    # --- per-image counts (adaptive methods) ----------------------------------------------------
+    def image_schedules(self) -> list[Schedule] | None:
+        """One schedule per image of the last forward run with tracing on (or in training). None: the
+        method's counts do not depend on the image, every image follows `schedule()`."""
+        return None
+
+    def macs_per_image(self, include_overhead: bool = True) -> torch.Tensor | None:
+        """(B,) int64 analytic MACs of every image of the last traced forward (`image_schedules`), each
+        as if run alone; None for a method whose counts do not depend on the image."""
+        schedules = self.image_schedules()
+        if schedules is None:
+            return None
+        return torch.tensor([self.total_macs(include_overhead, schedule=s) for s in schedules], dtype=torch.int64)
+
+    def tokens_per_image(self) -> torch.Tensor | None:
+        """(B, depth) int64: the tokens every block attends over (n_attn), per image of the last traced
+        forward; None for a method whose counts do not depend on the image."""
+        schedules = self.image_schedules()
+        if schedules is None:
+            return None
+        return torch.tensor([list(s.tokens_attn) for s in schedules], dtype=torch.int64)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """New modules the method adds (e.g. DynamicViT predictors), by name on the model."""
+        return {}
+
+    def training_losses(self, settings: dict, features: torch.Tensor,
+                        teacher_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The method's own loss terms for the last training forward, unweighted; the finetune job weighs
+        term `t` by `settings[f"{t}_weight"]`. `features` are the student's final normed tokens,
+        `teacher_features` the unpatched teacher's (None without distillation). The base: none."""
         return {}
 
     @property
@@ -202,68 +257,36 @@ class Method:
     def patch(self, model: nn.Module) -> None:
         """Patch `model` in place. The default swaps each reduction layer's block class via
         `patch_block`; methods that need model-level state override this."""
+        blocks = self.geometry.blocks_of(model)
         for i in self.layers:
-            self.patch_block(model.blocks[i], i)
+            self.patch_block(blocks[i], i)
 
     def patch_block(self, block: nn.Module, index: int) -> None:
         raise NotImplementedError
 
     def describe(self) -> dict:
         """JSON-friendly description for records and reports."""
-        return dict(
+        out = dict(
             method=self.name, keep_ratio=self.keep_ratio, layers=list(self.layers),
             options=dict(self.opts), count_rule=self.count_rule,
             tokens_per_block=list(self.schedule().tokens_attn),
         )
+        if self.geometry.family != "vit":
+            out["family"] = self.geometry.family
+        if self.adaptive:  # said where the counts are read, so that nobody takes the bound for the count
+            out["adaptive"] = True
+            out["notes"] = list(out.get("notes", [])) + [
+                "token counts vary per image: the FLOPs job's GMACs are a mean over the eval images; "
+                "tokens_per_block and the static count are upper bounds"]
+        return out
 
 
-class _ReducedModelMixin:
-    """Model-level patch: reset per-forward state so auxiliary outputs belong to this pass."""
-
-    def forward(self, *args, **kwargs):
-        self.token_reduction.state.reset()
-        return super().forward(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-_REGISTRY: dict[str, type[Method]] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: `@register` on a Method subclass makes it available by name and aliases."""
-    for key in (cls.name, *cls.aliases):
-        if key in _ALIASES and _ALIASES[key] != cls.name:
-            raise ValueError(f"method name {key!r} registered twice")
-        _ALIASES[key] = cls.name
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available() -> list[str]:
-    """Canonical method names, in registration order."""
-    return list(_REGISTRY)
-
-
-def get_method(name: str) -> type[Method]:
-    key = str(name).strip().lower()
-    if key not in _ALIASES:
-        valid = ", ".join(f"{n} ({', '.join(_REGISTRY[n].aliases)})" if _REGISTRY[n].aliases else n
-                          for n in _REGISTRY)
-        raise MethodError(f"unknown method {name!r}; valid: {valid}")
-    return _REGISTRY[_ALIASES[key]]
-
-
-def canonical_name(name: str) -> str:
-    return get_method(name).name
-
-
-def validate_layers(cls: type[Method], layers: Sequence[int] | None, depth: int, options: dict) -> tuple[int, ...]:
-    """Block indices, sorted; the method's default ones (for these validated options) when None."""
+def validate_layers(cls: type[Method], layers: Sequence[int] | None, depth: int, options: dict,
+                    geometry=None) -> tuple[int, ...]:
+    """Block indices, sorted; the method's default ones (for these validated options and, when given,
+    this model's layout) when None."""
     if layers is None:
-        return cls.resolve_layers(depth, options)
+        return cls.resolve_layers(depth, options) if geometry is None else cls.layers_for(geometry, options)
     try:
         out = tuple(int(i) for i in layers)
     except (TypeError, ValueError):
@@ -277,58 +300,6 @@ def validate_layers(cls: type[Method], layers: Sequence[int] | None, depth: int,
     return tuple(sorted(out))
 
 
-def validate_keep_ratio(keep_ratio: Any) -> float:
-    try:
-        r = float(keep_ratio)
-    except (TypeError, ValueError):
-        raise MethodError(f"keep ratio {keep_ratio!r} is not a number; valid: 0 < ratio <= 1") from None
-    if not (0.0 < r <= 1.0) or math.isnan(r):
-        raise MethodError(f"keep ratio {keep_ratio!r} is out of range; valid: 0 < ratio <= 1")
-    return r
-
-
-def build(model_or_geometry, name: str, keep_ratio: float = 1.0, layers: Sequence[int] | None = None,
-          **options) -> Method:
-    """A configured (not yet applied) method: its schedule and MACs are available without a forward."""
-    cls = get_method(name)
-    g = model_or_geometry if isinstance(model_or_geometry, Geometry) else Geometry.from_model(model_or_geometry)
-    if cls.needs_cls and not g.has_cls:
-        raise MethodError(
-            f"method {cls.name} scores tokens by the CLS token, but this model has none "
-            "(it pools its image tokens); use a model with a class token or a method that needs none "
-            f"({', '.join(n for n, c in _REGISTRY.items() if not c.needs_cls)})"
-        )
-    opts = validate_options(cls.options, options, cls.name)
-    return cls(g, validate_keep_ratio(keep_ratio), validate_layers(cls, layers, g.depth, opts), opts)
-
-
-def apply(model: nn.Module, name: str, keep_ratio: float = 1.0, layers: Sequence[int] | None = None,
-          **options) -> nn.Module:
-    """Patch a stock timm ViT in place with method `name` and return it.
-
-    `model.token_reduction` is then the configured `Method`: its `schedule()`, `total_macs()`,
-    `aux` (auxiliary outputs of the last forward) and `state.trace` switch.
-    """
-    if getattr(model, "token_reduction", None) is not None:
-        raise MethodError("model is already patched; create a fresh model to apply another method")
-    method = build(model, name, keep_ratio, layers, **options)
-    method.patch(model)
-    for mod_name, module in method.trainable_modules().items():
-        model.add_module(mod_name, module)
-    model.token_reduction = method
-    swap_class(model, _ReducedModelMixin, f"{type(method).__name__}{type(model).__name__}")
-    return model
-
-
 class CanonicalConfig(NamedTuple):
     layers: tuple[int, ...] | None  # None: the method's default layers for that depth and options
     options: dict  # only the options that differ from their defaults, coerced
-
-
-def canonical_config(name: str, depth: int, layers: Sequence[int] | None = None, **options) -> CanonicalConfig:
-    """The canonical spelling of a method configuration on a model of `depth` blocks, so that equal
-    configurations compare equal: `layers=(3, ..., 11)` for IdleViT on 12 blocks (its default) gives
-    layers None like no layers, and `fuse=True` for EViT (its default) gives no option, like none.
-    Raises MethodError for an unknown method or option, a value of the wrong type or outside its
-    choices, or a layer outside 0..depth-1 (checks that need the model are left to `build`)."""
-    return get_method(name).canonical_config(int(depth), layers, options)

@@ -19,9 +19,10 @@ from torch import nn
 
 from .attention import attention_logits, output_projection, project_qkv
 from .base import (
-    DROPPED, KEPT, BlockTokens, Method, Schedule, abs_floor, gather_tokens, quarter_layers, register,
+    DROPPED, KEPT, BlockTokens, Method, Schedule, abs_floor, gather_tokens, quarter_layers,
     stagewise_ratios, swap_class,
 )
+from .registry import register
 from .geometry import standard_block_macs
 
 
@@ -127,6 +128,12 @@ class DynamicViT(Method):
     needs_cls = True
     count_rule = "abs_floor"
     layer_presets = {"official": quarter_layers}  # pruning happens BEFORE these blocks
+    # The official recipe (docs/methods.md#dynamicvit-finetuning): lr 1e-3 for the predictors, ratio loss
+    # (weight 2), KL and token distillation (0.5 each), the backbone at 1/100 of the predictors' learning
+    # rate and frozen for the first 5 of 30 epochs (predictor-only), cls_token and pos_embed frozen.
+    finetune_defaults = dict(lr=1e-3, ratio_weight=2.0, distill="kl", distill_weight=0.5, tokens_weight=0.5,
+                             backbone_lr_scale=0.01, predictor_only_fraction=5 / 30,
+                             freeze=("cls_token", "pos_embed"))
 
     def __init__(self, geometry, keep_ratio, layers, options):
         super().__init__(geometry, keep_ratio, layers, options)
@@ -168,6 +175,24 @@ class DynamicViT(Method):
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"score_predictor": self.predictors}
+
+    def training_losses(self, settings, features, teacher_features) -> dict:
+        """Ratio loss: per stage, the squared gap between the kept fraction of each sample and the
+        stage's target r^s, averaged over samples and stages. Token distillation: MSE between the
+        student's and the teacher's final image tokens that the last decision keeps."""
+        decisions = self.aux.get("decision", {})
+        if not decisions:
+            return {}
+        targets = stagewise_ratios(self.keep_ratio, self.layers, layers_per_stage=1)
+        ratio = sum(((decisions[layer].mean(dim=1) - target) ** 2).mean()
+                    for layer, target in zip(self.layers, targets) if layer in decisions) / len(self.layers)
+        out = {"ratio": ratio}
+        if teacher_features is not None:
+            prefix = self.geometry.num_prefix
+            keep = decisions[max(decisions)].unsqueeze(-1)  # (B, N0, 1), 1 = kept by the last stage
+            squared = (features[:, prefix:] - teacher_features[:, prefix:]) ** 2 * keep
+            out["tokens"] = squared.sum() / (keep.sum() * features.shape[-1]).clamp_min(1.0)
+        return out
 
     # --- patching ------------------------------------------------------------------------------
     def patch(self, model: nn.Module) -> None:

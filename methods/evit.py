@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import attend, cls_attention_probs, output_projection, project_qkv
-from .base import (
-    DROPPED, FUSED, KEPT, BlockTokens, Method, Schedule, gather_tokens, register, quarter_layers, rel_ceil,
-    swap_class,
-)
+from .attention import attend, batch_rows, cls_attention_probs, output_projection, project_qkv, take_rows
+from .base import DROPPED, FUSED, KEPT, BlockTokens, Method, Schedule, quarter_layers, rel_ceil, swap_class
+from .registry import register
 from .errors import MethodError
 from .geometry import standard_block_macs
 from .options import Option
@@ -62,6 +60,7 @@ class TokenPruning(Method):
 
     count_rule = "rel_ceil"
     layer_presets = {"quarters": quarter_layers}
+    live_keep_ratio = True  # every block computes ceil(keep_ratio * n) at forward time: a warm-up may move it
 
     @property
     def fuses(self) -> bool:
@@ -111,10 +110,11 @@ class TokenPruning(Method):
                  training: bool) -> torch.Tensor:
         """x (B, N, C) -> prefix + the `left` best-scored image tokens (descending) [+ fused token]."""
         prefix = self.geometry.num_prefix
-        kept_image = scores.topk(left, dim=1, largest=True, sorted=True).indices
-        prefix_idx = torch.arange(prefix, device=x.device).expand(x.shape[0], -1)
+        batch, num_tokens, _ = x.shape
+        kept_image = scores.topk(left, dim=1, largest=True, sorted=True).indices  # no full sort
+        prefix_idx = torch.arange(prefix, device=x.device).expand(batch, -1)
         kept = torch.cat([prefix_idx, kept_image + prefix], dim=1)
-        reduced = gather_tokens(x, kept)
+        reduced = take_rows(x, batch_rows(kept, num_tokens), kept.shape[1])  # one index, row copies
         if self.fuses:
             # Σ over dropped tokens of a_j x_j as one batched mat-vec: zero the kept tokens' weights.
             weights = scores.scatter(1, kept_image, 0.0).unsqueeze(1)

@@ -23,18 +23,20 @@ with its norm handles off does (methods/flops.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import Callable, ClassVar, NoReturn
 
 from torch import nn
 
 from .errors import MethodError
+from .tokens import BlockTokens
 
 Refuse = Callable[[str], NoReturn]  # raises the one-line MethodError naming an unsupported part
 
 SUPPORTED_FAMILIES = (
     "supported: timm VisionTransformer or VisionTransformerDistilled with PatchEmbed, pre-norm Block, "
     "Attention (qk-norm, output norm, gate), Mlp/GluMlp/SwiGLUPacked/SwiGLU MLP, LayerScale, "
-    "LayerNorm/RmsNorm/SimpleNorm, CLS/distillation/register tokens, token/avg/max/avgmax/map pooling or none"
+    "LayerNorm/RmsNorm/SimpleNorm, CLS/distillation/register tokens, token/avg/max/avgmax/map pooling or none; "
+    "timm SwinTransformer (methods/swin.py) for the Swin methods"
 )
 
 
@@ -42,6 +44,7 @@ SUPPORTED_FAMILIES = (
 class Geometry:
     """Token counts, widths and per-token costs of a timm ViT (all blocks are alike)."""
 
+    family: ClassVar[str] = "vit"  # which methods apply (`Method.families`); methods.swin.SwinGeometry is "swin"
     num_patches: int  # N0: image tokens at the input (grid_h * grid_w)
     num_prefix: int  # CLS + distillation + register tokens, always first in the sequence
     has_cls: bool  # the CLS token is at position 0
@@ -55,6 +58,7 @@ class Geometry:
     head_macs: int  # per image, whatever the token count: classifier(s), attention-pool latent side
     head_token_macs: int = 0  # per token reaching the head: attention-pool K/V and logits, or a per-token classifier
     head_reads_prefix: bool = False  # the prefix tokens reach the head's per-token part too
+    pool: str = "token"  # what the head reads: "token" (CLS), "avg", "max", "avgmax", "map" or "" (every token)
 
     @property
     def head_dim(self) -> int:
@@ -69,9 +73,28 @@ class Geometry:
         reaching = final_tokens if self.head_reads_prefix else final_tokens - self.num_prefix
         return self.head_macs + self.head_token_macs * reaching
 
+    @property
+    def fixed_macs(self) -> int:
+        """MACs outside the blocks that no method changes, besides stem and head (Swin: PatchMerging). 0 here."""
+        return 0
+
+    def blocks_of(self, model: nn.Module) -> list[nn.Module]:
+        """The model's blocks in the order of their indices (the indices of `layers` and the schedule)."""
+        return list(model.blocks)
+
+    def stock_tokens(self, index: int):
+        """`BlockTokens` of the stock block `index`: every token, one sequence."""
+        n = self.num_tokens
+        return BlockTokens(n, n, n, n)
+
+    def block_macs(self, index: int, tokens) -> int:
+        """The stock block on the scheduled tokens: `standard_block_macs(n_attn, n_mlp)`."""
+        return standard_block_macs(self, tokens.n_attn, tokens.n_mlp)
+
     @classmethod
     def from_model(cls, model: nn.Module) -> "Geometry":
-        """Read a live (or meta-device) timm ViT; MethodError for anything not modelled (see module doc)."""
+        """Read a live (or meta-device) flat timm ViT; MethodError for anything not modelled (see module
+        doc). `methods.model_geometry` reads any modelled family (a Swin model gives its SwinGeometry)."""
         return read_geometry(model)
 
 
@@ -136,6 +159,7 @@ def read_geometry(model: nn.Module) -> Geometry:
     num_heads, head_dim, attn_linear_macs, mlp_macs = signatures[0]
     head_macs, head_token_macs, head_reads_prefix = _head(model, norms, refuse)
     return Geometry(
+        pool="map" if model.attn_pool is not None else str(model.global_pool),
         num_patches=num_patches,
         num_prefix=int(model.num_prefix_tokens),
         has_cls=model.cls_token is not None,

@@ -5,9 +5,11 @@ In every idle layer the CLS query scores all image tokens; the top K take part i
 are "idle": they skip the block untouched and are scored again by the next idle layer, so nothing
 is dropped.
 
-- Eval path (the official `test=True` path): gathers the selected tokens, so the block really runs
-  on prefix + K tokens. As in the official code, K is projected for all N tokens to score them and
-  q, v only for the selected ones; `cheap_score=True` scores with u = W_k^T q0 instead (docs/methods.md#idlevit-cheap-scoring).
+- Eval path: gathers the selected tokens, so the block really runs on prefix + K tokens. Scoring
+  (`cheap_score`, docs/methods.md#idlevit-cheap-scoring): by default x_j . (W_k^T q0), the official
+  logits up to a per-sample constant, so q, k, v are projected for the selected tokens only, in one
+  GEMM like the stock block; where that is not exact (k_norm) or with `cheap_score=False`, the official
+  `test=True` path: K for all N tokens to score them, q and v for the selected ones.
 - Training path (the official mask path): full attention with -1e5 on idle key columns and masked
   residuals; it records the raw logits for `token_cut_loss`.
 
@@ -23,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, attention_logits, output_projection, project_qkv
-from .base import (
-    IDLE, KEPT, BlockTokens, CanonicalConfig, ForwardState, Method, Schedule, abs_floor, gather_tokens,
-    register, stagewise_ratios, swap_class,
+from .attention import (
+    attend, attention_logits, batch_rows, output_projection, project_qkv, replace_rows, take_rows,
 )
+from .base import (
+    IDLE, KEPT, BlockTokens, CanonicalConfig, ForwardState, Method, Schedule, abs_floor, stagewise_ratios,
+    swap_class,
+)
+from .registry import register
 from .errors import MethodError
 from .options import Option
 
@@ -66,7 +71,7 @@ class IdleLayer:
     index: int  # block index, the key of its aux outputs
     keep: int  # K: image tokens selected in this block
     num_prefix: int  # CLS (+ dist, registers): always selected, never scored
-    cheap_score: bool
+    cheap_score: bool  # resolved: True = x_j . (W_k^T q0), False = the official keys of all N tokens
     state: ForwardState  # the method's per-forward scratch, shared by all its blocks
 
 
@@ -82,10 +87,15 @@ class IdleViT(Method):
                          "main (main.py: depth//3..depth-1)", choices=("infer", "main")),
         "layers_per_stage": Option(None, int, "idle layers per keep-ratio stage (r, r^2, ...); "
                                    "default ceil(len(layers) / 3)"),
-        "cheap_score": Option(False, bool, "score with u = W_k^T q0 (O(N*D) instead of projecting K "
-                              "for all N tokens); same ranking up to rounding; not with k_norm"),
+        "cheap_score": Option(None, bool, "score with u = W_k^T q0 (O(N*D) instead of projecting K for "
+                              "all N tokens; the official ranking up to exact ties); default: on unless the "
+                              "model has k_norm (qk_norm), where it is not exact; false: the official path"),
     }
     layer_presets = {"infer": _infer_layers, "main": _main_layers}
+    # The official recipe (docs/methods.md#idlevit-finetuning): CE + 20 x token-cut loss (both terms),
+    # logit distillation (weight 5) and CLS-feature distillation (100 x 5); cls_token and pos_embed frozen.
+    finetune_defaults = dict(cut_loss="both", cut_weight=20.0, cut_bug_compat=False, distill="kl+feature",
+                             distill_weight=5.0, freeze=("cls_token", "pos_embed"))
 
     @classmethod
     def resolve_layers(cls, depth: int, options: dict) -> tuple[int, ...]:
@@ -113,6 +123,9 @@ class IdleViT(Method):
         self.layers_per_stage = per_stage = stage_length(options.get("layers_per_stage"), len(layers))
         ratios = stagewise_ratios(keep_ratio, layers, per_stage)
         self.keep_per_layer = {i: abs_floor(geometry.num_patches, r) for i, r in zip(layers, ratios)}
+        # The default (None) is settled by `patch`, which sees the attention modules; a count made from a
+        # geometry alone assumes what every DeiT / ViT has, no k_norm, hence cheap scoring.
+        self.cheap_score = options.get("cheap_score") is not False
 
     def schedule(self) -> Schedule:
         g = self.geometry
@@ -138,22 +151,35 @@ class IdleViT(Method):
         if tokens.action != "idle":
             return stock
         N, n = tokens.n_in, tokens.n_attn
-        if self.opts["cheap_score"]:
+        if self.cheap_score:
             return stock + 2 * g.dim * g.attn_dim + N * g.dim
         return stock + g.dim * g.attn_dim + (N - n) * g.dim * g.attn_dim + N * g.attn_dim
 
-    def patch_block(self, block: nn.Module, index: int) -> None:
-        attn = block.attn
-        if self.opts["cheap_score"] and not isinstance(attn.k_norm, nn.Identity):
+    def patch(self, model: nn.Module) -> None:
+        blocks = self.geometry.blocks_of(model)
+        key_norm = any(not isinstance(blocks[i].attn.k_norm, nn.Identity) for i in self.layers)
+        if key_norm and self.opts["cheap_score"]:
             raise MethodError("option cheap_score=True is not exact with k_norm (qk_norm models); "
-                              "valid: cheap_score=False for this model")
+                              "valid: cheap_score=False (or leave it unset) for this model")
+        self.cheap_score = self.opts["cheap_score"] is not False and not key_norm
+        super().patch(model)
+
+    def patch_block(self, block: nn.Module, index: int) -> None:
         block.idle_layer = IdleLayer(index, self.keep_per_layer[index], self.geometry.num_prefix,
-                                     self.opts["cheap_score"], self.state)
+                                     self.cheap_score, self.state)
         swap_class(block, IdleBlock)
+
+    def training_losses(self, settings, features, teacher_features) -> dict:
+        """The token-cut loss over the idle layers of the last training forward (mask path)."""
+        if settings["cut_loss"] == "none":
+            return {}
+        idle_layers = sum(1 for block in self.schedule().blocks if block.action == "idle")
+        return {"cut": token_cut_loss(self.aux, max(idle_layers, 1), kind=settings["cut_loss"],
+                                      bug_compat=settings["cut_bug_compat"], num_prefix=self.geometry.num_prefix)}
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update(layers_per_stage=self.layers_per_stage,
+        out.update(layers_per_stage=self.layers_per_stage, scoring="cheap" if self.cheap_score else "official",
                    keep_per_layer={str(i): k for i, k in self.keep_per_layer.items()})
         return out
 
@@ -180,11 +206,23 @@ def _split_qkv_weights(attn: nn.Module, which: int) -> tuple[torch.Tensor, torch
     return attn.qkv.weight[rows], None if bias is None else bias[rows]
 
 
-def _project(attn: nn.Module, x: torch.Tensor, which: int) -> torch.Tensor:
-    """q, k or v of x (B, n, D) as (B, H, n, d), without the q/k norm."""
+def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, n, H*d) -> (B, H, n, d)."""
     B, n, _ = x.shape
-    out = F.linear(x, *_split_qkv_weights(attn, which))
-    return out.reshape(B, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return x.view(B, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def _row_dot(vector: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, C) . (B, N, C) -> (B, N) as a row-vector bmm: the column form (B, N, C) @ (B, C, 1) takes a slow
+    CPU path (3.9 ms against 0.3 ms for DeiT-S at batch 32, one thread)."""
+    return torch.bmm(vector.unsqueeze(1), tokens.transpose(1, 2)).squeeze(1)
+
+
+def _per_head(norm: nn.Module, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A q/k norm (over head_dim) on full-width vectors (..., H*d); skipped when it is the Identity."""
+    if isinstance(norm, nn.Identity):
+        return x
+    return norm(x.unflatten(-1, (num_heads, -1))).flatten(-2)
 
 
 def _record_selection(layer: IdleLayer, idx: torch.Tensor, num_tokens: int, training: bool) -> None:
@@ -225,17 +263,18 @@ class IdleBlock:
         return self._gather_forward(x)
 
     def _scores(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CLS scores (B, N) and, unless cheap_score, keys of all tokens (B, H, N, d)."""
+        """CLS scores (B, N) in the official order (the head sum of the unscaled pre-softmax logits: the
+        official head mean times H) and, on the official path, the keys of all tokens (B, N, H*d)."""
         attn = self.attn
-        q_cls = attn.q_norm(_project(attn, x_norm[:, :1], 0))  # (B, H, 1, d)
+        weight_q, bias_q = _split_qkv_weights(attn, 0)
+        weight_k, bias_k = _split_qkv_weights(attn, 1)
+        q_cls = _per_head(attn.q_norm, F.linear(x_norm[:, 0], weight_q, bias_q), attn.num_heads)  # (B, H*d)
         if self.idle_layer.cheap_score:
-            # sum_h q0_h . (W_k x_j + b_k)_h = x_j . (W_k^T q0) + const: same order as the logits.
-            weight, _ = _split_qkv_weights(attn, 1)
-            u = q_cls.transpose(1, 2).flatten(1) @ weight  # (B, D)
-            return (x_norm @ u.unsqueeze(-1)).squeeze(-1), None
-        k_all = attn.k_norm(_project(attn, x_norm, 1))
-        # Head mean of the unscaled pre-softmax logits, as official (scale does not change the order).
-        return (q_cls @ k_all.transpose(-2, -1)).mean(1).squeeze(1), k_all
+            # sum_h q0_h . (W_k x_j + b_k)_h = x_j . (W_k^T q0) + q0 . b_k: the constant does not move the order.
+            u = q_cls @ weight_k  # (B, D)
+            return _row_dot(u, x_norm), None
+        k_all = _per_head(attn.k_norm, F.linear(x_norm, weight_k, bias_k), attn.num_heads)
+        return _row_dot(q_cls, k_all), k_all
 
     def _gather_forward(self, x: torch.Tensor) -> torch.Tensor:
         layer, attn = self.idle_layer, self.attn
@@ -244,21 +283,19 @@ class IdleBlock:
         idx = select_tokens(scores, layer.keep, layer.num_prefix)
         _record_selection(layer, idx, x.shape[1], False)
 
-        selected, selected_norm = gather_tokens(x, idx), gather_tokens(x_norm, idx)
-        q = attn.q_norm(_project(attn, selected_norm, 0))
-        if k_all is None:
-            k = attn.k_norm(_project(attn, selected_norm, 1))
-        else:
-            k = k_all.gather(2, idx[:, None, :, None].expand(-1, k_all.shape[1], -1, k_all.shape[3]))
-        v = _project(attn, selected_norm, 2)
+        n = idx.shape[1]
+        rows = batch_rows(idx, x.shape[1])  # the one index of this block: gathers and write-back
+        selected, selected_norm = take_rows(x, rows, n), take_rows(x_norm, rows, n)
+        if k_all is None:  # q, k, v of the selected tokens only, in one GEMM as in the stock block
+            q, k, v = project_qkv(attn, selected_norm)
+        else:  # official: the keys were projected for every token to score them
+            q = attn.q_norm(_heads(attn, F.linear(selected_norm, *_split_qkv_weights(attn, 0))))
+            k = _heads(attn, take_rows(k_all, rows, n))
+            v = _heads(attn, F.linear(selected_norm, *_split_qkv_weights(attn, 2)))
         out = output_projection(attn, attend(attn, q, k, v), selected_norm)
         selected = selected + self.drop_path1(self.ls1(out))
         selected = selected + self.drop_path2(self.ls2(self.mlp(self.norm2(selected))))
-
-        # Write back out of place: `x` belongs to the caller (a forward hook or forward_intermediates
-        # may hold it as the previous block's output). One copy of x, as a stock block's residual add
-        # allocates anyway; idle tokens are copied bit for bit.
-        return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), selected)
+        return replace_rows(x, rows, selected)  # out of place: x belongs to the caller
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The official training path: every token is projected and attends, but idle keys are

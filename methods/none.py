@@ -1,7 +1,8 @@
 """The unpatched baseline, so that callers never special-case it."""
 from __future__ import annotations
 
-from .base import Method, register
+from .base import Method
+from .registry import register
 
 
 @register
@@ -9,6 +10,7 @@ class NoReduction(Method):
     name = "none"
     aliases = ("baseline", "base")
     summary = "the stock model: every block sees every token"
+    families = ("vit", "swin")
 
     def patch(self, model) -> None:  # nothing to change
         return None

@@ -30,7 +30,12 @@ class Option:
     def _choices_hint(self) -> str:
         if self.type is bool and not self.choices:  # say what the CLI accepts for a flag
             return "; valid: true, false"
-        return f"; valid: {', '.join(map(str, self.choices))}" if self.choices else ""
+        if self.choices:
+            return f"; valid: {', '.join(map(str, self.choices))}"
+        return f"; valid: {_VALID.get(self.type, 'a ' + self.type.__name__)}"
+
+
+_VALID = {int: "an integer", float: "a number", str: "a text value", tuple: "a comma-separated list of integers"}
 
 
 def _coerce(kind: type, value: Any) -> Any:

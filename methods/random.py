@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import register
+from .registry import register
 from .errors import MethodError
 from .evit import TokenPruning
 from .options import Option
@@ -29,16 +29,26 @@ class RandomKeep(TokenPruning):
         super().__init__(*args, **kwargs)
         if self.opts["seed"] < 0:
             raise MethodError(f"option seed={self.opts['seed']} is negative; valid: an integer >= 0")
-        self._rankings: dict[tuple, torch.Tensor] = {}
+        # Drawn now for the scheduled counts, so a forward (and a torch.compile graph) only looks them up.
+        prefix, blocks = self.geometry.num_prefix, self.schedule().blocks
+        self._rankings: dict[tuple, torch.Tensor] = {
+            (i, blocks[i].n_in - prefix, torch.device("cpu")): self.ranking(i, blocks[i].n_in - prefix)
+            for i in self.layers if blocks[i].action}
 
     def ranking(self, index: int, num_image: int) -> torch.Tensor:
         """(num_image,) distinct float priorities for block `index`; the top ones are kept."""
         rng = np.random.default_rng([self.opts["seed"], index])
         return torch.from_numpy(rng.permutation(num_image).astype(np.float32))
 
+    @torch.compiler.disable
+    def _draw(self, index: int, num_image: int, device: torch.device) -> torch.Tensor:
+        # Kept out of torch.compile graphs: numpy's generator cannot be traced (dynamo fails on the
+        # from_numpy tensor under inference_mode), and this runs once per (block, count, device) anyway.
+        return self.ranking(index, num_image).to(device)
+
     def token_scores(self, attn, q, k, index):
         batch, num_image = q.shape[0], int(k.shape[2]) - self.geometry.num_prefix
         key = (index, num_image, q.device)
         if key not in self._rankings:
-            self._rankings[key] = self.ranking(index, num_image).to(q.device)
+            self._rankings[key] = self._draw(index, num_image, q.device)
         return self._rankings[key].expand(batch, -1)

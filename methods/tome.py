@@ -30,8 +30,9 @@ import math
 
 import torch
 
-from .attention import attend, output_projection, project_qkv
-from .base import FUSED, KEPT, BlockTokens, Method, Schedule, gather_tokens, register, swap_class
+from .attention import attend, batch_rows, head_sum, output_projection, project_qkv, take_rows
+from .base import FUSED, KEPT, BlockTokens, Method, Schedule, swap_class
+from .registry import register
 from .errors import MethodError
 from .geometry import standard_block_macs
 from .options import Option
@@ -68,6 +69,10 @@ def _whole_number(value) -> int:
     return number
 
 
+def _show_r(r) -> str:
+    return ",".join(map(str, r)) if isinstance(r, (list, tuple)) else str(r)
+
+
 def final_image_tokens(num_patches: int, merge_counts) -> int:
     """Image tokens left after merging `merge_counts` tokens in turn, each clamped to half."""
     for r in merge_counts:
@@ -102,8 +107,8 @@ class MergingBlock:
         out = output_projection(self.attn, attend(self.attn, q, k, v, bias), x_in)
         x = x + self.drop_path1(self.ls1(out))
         r = min(method.merge_counts.get(index, 0), (x.shape[1] - method.geometry.num_prefix) // 2)
-        if r > 0:
-            x = method.merge(x, k.mean(dim=1), r, index, self.training)
+        if r > 0:  # the head sum, not the mean: the metric is L2-normalised, and the sum is cheaper on CPU
+            x = method.merge(x, head_sum(k), r, index, self.training)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -156,8 +161,18 @@ class ToMe(Method):
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
         return standard_block_macs(self.geometry, tokens.n_attn, tokens.n_mlp) + self.matching_macs(tokens)
 
+    def merge_counts_used(self) -> list[int]:
+        """r of each reduction layer after clamping to half the image tokens that reach it."""
+        blocks = self.schedule().blocks
+        return [blocks[i].n_in - blocks[i].n_out for i in self.layers]
+
     def describe(self) -> dict:
-        return dict(super().describe(), merge_counts=[self.merge_counts.get(i, 0) for i in self.layers])
+        asked, used = [self.merge_counts.get(i, 0) for i in self.layers], self.merge_counts_used()
+        notes = []
+        if self.opts["r"] is not None and used != asked:  # a derived r counts the clamping in already
+            notes.append(f"tome r={_show_r(self.opts['r'])} is more than a block can merge (half its image "
+                         f"tokens): merged {','.join(map(str, used))} per reduction layer")
+        return dict(super().describe(), merge_counts=asked, merge_counts_used=used, notes=notes)
 
     # --- patching -------------------------------------------------------------------------------
     def patch(self, model) -> None:
@@ -173,16 +188,21 @@ class ToMe(Method):
     # --- the reduction itself ------------------------------------------------------------------
     def match(self, metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bipartite soft matching. Returns, as positions in the input sequence,
-        kept (B, N - r) in output order, sources (B, r), and each source's output slot (B, r)."""
+        kept (B, N - r) in output order, sources (B, r), and each source's output slot (B, r).
+
+        Static shapes and no host synchronisation: r and the prefix are Python ints, every index is
+        made on the metric's device, so the matching stays inside one compiled graph."""
         prefix = self.geometry.num_prefix
         protected_a, protected_b = (prefix + 1) // 2, prefix // 2
         with torch.no_grad():
             metric = metric / metric.norm(dim=-1, keepdim=True)
             a, b = metric[:, ::2], metric[:, 1::2]
             scores = a @ b.transpose(-1, -2)
-            scores[:, :protected_a, :] = -math.inf  # a protected A token is never a source
-            scores[:, :, :protected_b] = -math.inf  # a protected B token is never a destination
+            if protected_b:
+                scores[:, :, :protected_b] = -math.inf  # a protected B token is never a destination
             best, best_b = scores.max(dim=-1)
+            if protected_a:  # on the row maxima, not the (A, B) scores: a protected A token is never a source
+                best[:, :protected_a] = -math.inf
             order = best.argsort(dim=-1, descending=True)
             src_a, unmerged_a = order[:, :r], order[:, r:]
             if prefix:
@@ -201,20 +221,30 @@ class ToMe(Method):
         return kept, 2 * src_a, dst_slot
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int, index: int, training: bool) -> torch.Tensor:
-        """Size-weighted average of every source into its destination; sizes are updated in carry."""
+        """Size-weighted average of every source into its destination; sizes are updated in carry.
+
+        Written as x_dst + Σ_src s_src (x_src - x_dst) / s_new, which equals
+        (s_dst x_dst + Σ s_src x_src) / s_new but touches only the r sources and their destinations:
+        unmerged tokens are copied bit for bit instead of being multiplied and divided by their size."""
         kept, src, dst_slot = self.match(metric, r)
         carry = self.state.carry
+        batch, num_tokens, _ = x.shape
+        num_out = num_tokens - r
         size = carry.get("size")
         if size is None:
-            size = x.new_ones(x.shape[:2])
-        weighted = x * size.unsqueeze(-1)
-        channels = dst_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        merged = gather_tokens(weighted, kept).scatter_reduce(1, channels, gather_tokens(weighted, src), "sum")
-        new_size = size.gather(1, kept).scatter_reduce(1, dst_slot, size.gather(1, src), "sum")
+            size = x.new_ones(batch, num_tokens)
+        src_size = size.gather(1, src)
+        new_size = size.gather(1, kept).scatter_add(1, dst_slot, src_size)
+        dst_rows = batch_rows(dst_slot, num_out)
+        merged = take_rows(x, batch_rows(kept, num_tokens), num_out)  # a new tensor: ours to write into
+        sources = take_rows(x, batch_rows(src, num_tokens), r)
+        share = (src_size / new_size.gather(1, dst_slot)).unsqueeze(-1).to(x.dtype)
+        update = (sources - take_rows(merged, dst_rows, r)) * share
+        merged.view(-1, x.shape[-1]).index_add_(0, dst_rows, update.reshape(-1, x.shape[-1]))
         carry["size"] = new_size
         if self.state.trace or training:
-            self._record(kept, src, dst_slot, x.shape[1], index, training)
-        return merged / new_size.unsqueeze(-1)
+            self._record(kept, src, dst_slot, num_tokens, index, training)
+        return merged
 
     def _record(self, kept, src, dst_slot, num_tokens: int, index: int, training: bool) -> None:
         """Aux "kept", "patch_group" and "patch_state" (FUSED once a patch's token was a source)."""

@@ -7,8 +7,8 @@ EViT; the inattentive image tokens are simply dropped. Option `score` picks what
 """
 from __future__ import annotations
 
-from .attention import attention_logits
-from .base import register
+from .attention import cls_logits
+from .registry import register
 from .options import Option
 from .evit import EViT
 
@@ -28,4 +28,4 @@ class TopK(EViT):
         if self.opts["score"] == "prob":
             return super().token_scores(attn, q, k, index)
         prefix = self.geometry.num_prefix
-        return attention_logits(attn, q[:, :, :1], k).squeeze(2).mean(dim=1)[:, prefix:]
+        return cls_logits(attn, q[:, :, :1], k).mean(dim=1)[:, prefix:]

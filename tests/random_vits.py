@@ -83,9 +83,9 @@ def random_images(batch, seed=0, dtype=torch.float64):
 
 @functools.lru_cache(maxsize=None)
 def timm_geometry(name, **kwargs):
-    """`methods.Geometry` of a named timm model at its default size, read on the meta device."""
+    """The geometry of a named timm model (any modelled family) at its default size, read on the meta device."""
     with torch.device("meta"):
-        return methods.Geometry.from_model(timm.create_model(name, pretrained=False, **kwargs))
+        return methods.model_geometry(timm.create_model(name, pretrained=False, **kwargs))
 
 
 def in_dtype(model, dtype):

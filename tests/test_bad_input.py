@@ -111,7 +111,7 @@ def test_bad_method_configuration(capsys, out, argv, expected):
 
 def test_cls_scored_method_on_model_without_cls_token(capsys, out):
     cls_scored = [n for n in methods.available() if methods.get_method(n).needs_cls]
-    assert cls_scored == ["idle", "evit", "topk", "dynamicvit"]
+    assert cls_scored == ["idle", "evit", "topk", "dynamicvit", "ppt", "ats"]
     rc, lines = run_cli(capsys, out, "--metrics", "flops", "--models", NO_CLS_MODEL, "--methods", cls_scored[0])
     assert_one_line_error(rc, lines, cls_scored[0], "CLS", "none")
 
@@ -131,11 +131,11 @@ def test_cls_scored_method_on_model_without_cls_token(capsys, out):
     (["--no-wait"], ["--no-wait", "--launcher slurm", "inline"]),
     (["--max-array-size", "-1"], ["'-1'", "positive integer"]),
     (["--array-parallelism", "0"], ["'0'", "positive integer"]),
-    (["--gpus-per-node", "-1"], ["'-1'", "positive integer"]),
+    (["--gpus-per-node", "-1"], ["'-1'", "integer >= 0"]),
     (["--cpus-per-task", "0"], ["'0'", "positive integer"]),
     (["--mem", "lots"], ["'lots'", "32G"]),
     (["--partition", "a b"], ["'a b'", "without spaces"]),
-    (["--seed", "-3"], ["'-3'", "positive integer"]),
+    (["--seed", "-3"], ["'-3'", "integer >= 0", "valid: 0, 1"]),
 ], ids=["batch-zero", "batch-negative", "throughput-batch-zero", "limit-zero", "unknown-dtype", "unknown-device",
         "launch-time", "local-no-wait", "inline-no-wait", "max-array-size", "array-parallelism", "gpus-per-node",
         "cpus-per-task", "mem", "partition", "seed"])

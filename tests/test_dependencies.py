@@ -65,7 +65,10 @@ def test_local_launcher_waits_for_dependencies(tmp_path, monkeypatch, chained_ki
 
         def submit(self, fn, spec, run_dir, force, origin):
             order.append(spec.kind)
-            fn(spec, run_dir, force, origin)
+            try:  # a submitted job that fails raises (JobFailed), as submitit would record it
+                fn(spec, run_dir, force, origin)
+            except runner.JobFailed:
+                pass
             return types.SimpleNamespace(job_id=str(len(order)), done=lambda: True, state="FINISHED",
                                          paths=types.SimpleNamespace(folder=tmp_path), stderr=lambda: "")
 

@@ -316,3 +316,22 @@ def test_interrupting_a_slurm_wait_points_to_collect(tmp_path, monkeypatch):
     monkeypatch.setattr(slurm, "wait", interrupted)
     with pytest.raises(dispatch.Interrupted, match=f"--collect {run_dir.resolve()}"):
         dispatch.dispatch(plan_of([spec()], run_dir), parse("--launcher", "slurm"))
+
+
+def test_finetune_jobs_get_one_process_per_gpu():
+    """--finetune-gpus N: a finetune job is N tasks with N GPUs on SLURM and locally (submitit's distributed
+    environment then gives every task its RANK for DDP); other jobs keep one GPU."""
+    options = parse("--finetune-gpus", "2", "--partition", "gpu")
+    tuned = spec("finetune", device="cuda", method="evit", ratio=0.7, finetune=(("epochs", 1.0),))
+    measured = spec("acc", device="cuda", method="evit", ratio=0.7)
+    arrays = slurm.array_plan([tuned, measured], options, max_size=10)
+    by_kind = {chunk[0].kind: params for params, chunk in arrays}
+    assert by_kind["finetune"]["tasks_per_node"] == 2 and by_kind["finetune"]["gpus_per_node"] == 2
+    assert "tasks_per_node" not in by_kind["acc"] and by_kind["acc"]["gpus_per_node"] == 1
+    scheduler = local.SlotScheduler([0, 1, 2], processes=2)
+    held = scheduler.acquire(tuned)
+    assert len(held) == 2 and local.local_parameters(options, held, data_parallel=True) == dict(
+        timeout_min=120, gpus_per_node=2, visible_gpus=tuple(held), tasks_per_node=2)
+    assert scheduler.acquire(tuned) is None and len(scheduler.acquire(measured)) == 1
+    with pytest.raises(LaunchError, match="--finetune-gpus 4: only 3 GPU"):
+        local.SlotScheduler([0, 1, 2], processes=4).acquire(tuned)

@@ -48,7 +48,7 @@ def test_written_geometry_is_the_timm_one(name):
 # --- analytic == fvcore ---------------------------------------------------------------------------
 
 def fvcore_cases():
-    cases = [(name, ratio, {}) for name in methods.available() if name != "none" for ratio in (0.9, 0.7, 0.5)]
+    cases = [(name, ratio, {}) for name in methods.available("vit") if name != "none" for ratio in (0.9, 0.7, 0.5)]
     cases.append(("none", 1.0, {}))
     cases += [("tome", 1.0, {"r": r}) for r in (8, 13, 16)]
     # Options that change what is counted.
@@ -59,11 +59,13 @@ def fvcore_cases():
 @pytest.mark.parametrize("name, ratio, options", fvcore_cases())
 def test_analytic_agrees_with_fvcore(deit_small, name, ratio, options):
     model = methods.apply(copy.deepcopy(deit_small), name, ratio, **options)
-    counted = flops.fvcore_macs(model, DEIT_SHAPE)
-    analytic = flops.analytic_macs(model.token_reduction)
+    image = torch.randn((1, *DEIT_SHAPE[-3:]), generator=torch.Generator().manual_seed(0))
+    counted = flops.fvcore_macs(model, DEIT_SHAPE, image=image)
+    # ATS keeps a different count per image: the analytic count of the image fvcore traced.
+    analytic = int(flops.per_image_macs(model, image)[0])
     assert abs(counted.total - analytic) <= FVCORE_REL_TOL * analytic, f"fvcore {counted.total} vs {analytic}"
     assert not any(flops.is_matmul_class(op) for op in counted.unsupported)
-    assert flops.analytic_macs(model.token_reduction, include_overhead=False) <= analytic
+    assert int(flops.per_image_macs(model, image, include_overhead=False)[0]) <= analytic
 
 
 def test_overhead_free_count_is_the_plain_cost_of_the_schedule():
@@ -92,6 +94,9 @@ KNOWN_MISMATCHES = {
         "the EViT README gives 3.5 G for both fusion variants at keep 0.8; without the fused token the "
         "model is 3.444 G (docs/methods.md#reference-counts), which rounds to 3.4",
     ("deit_small_patch16_224", "dynamicvit", 0.8, None): _TRUNCATED,
+    ("deit_small_patch16_224", "ppt", 1.0, "r=50"):
+        "PPT's README prints 2.944 GFLOPs counted with torchprofile, which also counts element-wise "
+        "multiplications; the matrix products alone are 2.942 G, outside half a unit of the 4th decimal",
     ("deit_small_patch16_224", "dynamicvit", 0.7, None): _TRUNCATED,
     ("deit_base_patch16_224", "dynamicvit", 0.7, None): _TRUNCATED,
 }
@@ -120,7 +125,7 @@ def test_published_table_is_well_formed():
         "model", "method", "keep_ratio", "method_options", "top1", "regime", "gmacs", "gmacs_convention",
         "gmacs_rounding", "throughput", "throughput_conditions", "source",
     ]
-    assert set(table["method"]) <= {"none", "evit", "topk", "dynamicvit", "tome", "idle"}
+    assert set(table["method"]) <= {"none", "evit", "topk", "dynamicvit", "tome", "idle", "ppt"}
     with_gmacs = table[table["gmacs"].notna()]
     assert set(with_gmacs["gmacs_convention"]) <= {"with_overhead", "no_overhead"}
     assert set(with_gmacs["gmacs_rounding"]) <= {"round", "truncate"}

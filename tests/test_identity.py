@@ -40,8 +40,11 @@ def images(img_size: int, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
 
 
+VIT_METHODS = methods.available("vit")  # the Swin methods: tests/test_swin_identity.py
+
+
 @pytest.mark.parametrize("model_name, img_size", MODELS)
-@pytest.mark.parametrize("method", methods.available())
+@pytest.mark.parametrize("method", VIT_METHODS)
 @torch.no_grad()
 def test_keep_ratio_one_is_the_stock_model(method, model_name, img_size):
     base = stock(model_name, img_size)
@@ -52,7 +55,7 @@ def test_keep_ratio_one_is_the_stock_model(method, model_name, img_size):
 
 
 @pytest.mark.parametrize("model_name, img_size", MODELS)
-@pytest.mark.parametrize("method", methods.available())
+@pytest.mark.parametrize("method", VIT_METHODS)
 @torch.no_grad()
 def test_sample_does_not_depend_on_its_batch(method, model_name, img_size):
     model = methods.apply(copy.deepcopy(stock(model_name, img_size)), method, 0.5).eval()
@@ -76,8 +79,8 @@ def gap_model():
     return model
 
 
-CLS_METHODS = [m for m in methods.available() if methods.get_method(m).needs_cls]
-FREE_METHODS = [m for m in methods.available() if not methods.get_method(m).needs_cls]
+CLS_METHODS = [m for m in VIT_METHODS if methods.get_method(m).needs_cls]
+FREE_METHODS = [m for m in VIT_METHODS if not methods.get_method(m).needs_cls]
 
 
 @pytest.mark.parametrize("method", CLS_METHODS)

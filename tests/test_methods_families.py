@@ -66,9 +66,11 @@ def stock_models():
 
 
 def applicable(family: str) -> list[str]:
-    """Every registered method, except the CLS-scored ones on a model without CLS (refused elsewhere)."""
-    has_cls = Geometry.from_model(ACCEPTED[family]()).has_cls
-    return [m for m in methods.available() if has_cls or not methods.get_method(m).needs_cls]
+    """Every registered ViT method, except the CLS-scored ones on a model without CLS and the ones whose
+    `refusal` names this model (ATS on a head that pools image tokens), both refused elsewhere."""
+    g = Geometry.from_model(ACCEPTED[family]())
+    return [m for m in methods.available("vit")
+            if (g.has_cls or not methods.get_method(m).needs_cls) and methods.get_method(m).refusal(g) is None]
 
 
 CASES = [(family, method) for family in ACCEPTED for method in applicable(family)]
@@ -77,8 +79,11 @@ CASES = [(family, method) for family in ACCEPTED for method in applicable(family
 @pytest.mark.parametrize("family, method", CASES)
 def test_analytic_macs_agree_with_fvcore(stock_models, family, method):
     model = methods.apply(copy.deepcopy(stock_models[family]), method, 1.0 if method == "none" else 0.5)
-    counted = flops.fvcore_macs(model, (3, IMG, IMG)).total
-    analytic = flops.analytic_macs(model.token_reduction)
+    image = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    counted = flops.fvcore_macs(model, (3, IMG, IMG), image=image).total
+    # An adaptive method (ATS) is counted on the image fvcore traced; the static count is its upper bound.
+    analytic = int(flops.per_image_macs(model, image)[0])
+    assert model.token_reduction.adaptive or analytic == flops.analytic_macs(model.token_reduction)
     assert abs(counted - analytic) <= FVCORE_REL_TOL * analytic, f"fvcore {counted} vs analytic {analytic}"
 
 
@@ -197,9 +202,19 @@ def test_named_models_from_the_issue():
         Geometry.from_model(named("vit_pwee_patch16_reg1_gap_256"))
 
 
+@pytest.mark.parametrize("family", ["avgmax_cls", "map_head_cls", "no_pooling", "gap_no_cls"])
+def test_ats_refuses_a_head_that_reads_image_tokens(family):
+    """ATS pads a batch to its largest per-image count: only a head that reads the CLS token alone is exact."""
+    with pytest.raises(MethodError) as err:
+        methods.build(ACCEPTED[family](), "ats", 0.5)
+    message = str(err.value)
+    assert "\n" not in message and "ats" in message
+    assert "global_pool='token'" in message or "CLS token" in message
+
+
 def test_patched_model_keeps_its_geometry(stock_models):
     """The geometry check sees the timm classes behind the method's swapped-in subclasses."""
     stock = stock_models["registers"]
-    for method in methods.available():
+    for method in methods.available("vit"):
         patched = methods.apply(copy.deepcopy(stock), method, 0.5)
         assert Geometry.from_model(patched) == Geometry.from_model(stock)

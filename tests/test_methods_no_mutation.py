@@ -8,9 +8,9 @@ import torch
 import methods
 from random_vits import MODELS, random_images
 
-METHODS = [(m, "cls") for m in methods.available()] + [
-    (m, "gap") for m in methods.available() if not methods.get_method(m).needs_cls
-]
+METHODS = [(m, "cls") for m in methods.available("vit")] + [
+    (m, "gap") for m in methods.available("vit") if not methods.get_method(m).needs_cls
+]  # the Swin methods: tests/test_swin_identity.py
 
 
 @pytest.fixture(scope="module")

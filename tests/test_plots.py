@@ -182,7 +182,7 @@ def test_token_pictures_of_every_registered_method():
     torch.manual_seed(0)
     images = torch.randn(2, 1, 28, 28)
     traces, skipped = [], {}
-    for name in methods.available():
+    for name in methods.available("vit"):  # the embedded model is a ViT; Swin pictures: tests/test_swin_identity.py
         model = methods.apply(create_model(MODEL), name, keep_ratio=0.5)
         trace = viz.trace_tokens(model, images, name)
         if not trace.blocks:
@@ -192,9 +192,7 @@ def test_token_pictures_of_every_registered_method():
             assert state.shape == (2, 49), (name, block)
             assert set(np.unique(state)) <= {methods.KEPT, methods.IDLE, methods.DROPPED, methods.FUSED}
         traces.append(trace)
-    assert "none" in skipped  # nothing to show for the baseline
-    if not traces:
-        pytest.skip("no registered method records patch_state yet")
+    assert set(skipped) == {"none"}  # nothing to show for the baseline; every method records its tokens
     traces = traces[:2]  # the layout check needs two rows, not every method (a figure of ~80 axes is slow)
     fig = viz.selection_figure(images[0, 0].numpy(), (7, 7), traces, 0, "test")
     blocks = sorted({b for t in traces for b in t.blocks})

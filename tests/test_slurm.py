@@ -145,3 +145,62 @@ def test_ctrl_c_then_the_advised_rerun_submits_no_duplicate(tmp_path):
     assert index(out) == first  # the same jobs, none submitted again
     done, failed, _ = records.scan(out)
     assert set(done) == set(first) and not failed
+
+
+def test_finetune_then_accuracy_as_afterok_jobs(tmp_path):
+    """The accuracy job of a finetuned configuration goes in with --dependency=afterok on its finetune job:
+    SLURM starts it only after that one succeeded, and it evaluates the finetuned weights."""
+    out = tmp_path / "run"
+    argv = ["--launcher", "slurm", "--time", "10", "--methods", "evit", "--ratios", "0.7", "--metrics", "acc",
+            "--limit", "32", "--finetune-epochs", "0.05", "--finetune-opt", "train_limit=96",
+            "--finetune-opt", "batch_size=16", "--out", str(out)]
+    assert run_all.main(argv) == 0
+    done, failed, _ = records.scan(out)
+    assert not failed
+    by_kind = {(r.spec.kind, r.spec.method): r for r in done.values()}
+    tuned, evaluated = by_kind[("finetune", "evit")], by_kind[("acc", "evit")]
+    jobs = index(out)
+    script = next(Path(jobs[evaluated.key]["folder"]).glob("*_submission.sh")).read_text()
+    assert f"--dependency=afterok:{jobs[tuned.key]['job_id']}" in script
+    assert "--kill-on-invalid-dep=yes" in script
+    assert tuned.data["finished"] <= evaluated.data["started"] and evaluated.metrics["weights"] == "finetuned"
+
+
+def test_a_failed_finetune_cancels_its_accuracy_job_and_blocks_it(tmp_path):
+    """The weights vanish between planning and the finetune job: it fails in SLURM, SLURM cancels the
+    afterok accuracy job (--kill-on-invalid-dep), and the run reports that job blocked by its dependency."""
+    import timm
+    from safetensors.torch import save_file
+
+    from bench import grid, models  # noqa: F401  (models registers the embedded model with timm)
+
+    weights = tmp_path / "weights.safetensors"
+    save_file(timm.create_model(EMBEDDED).state_dict(), str(weights))
+    out = tmp_path / "run"
+    argv = ["--launcher", "slurm", "--time", "10", "--methods", "evit", "--ratios", "0.7", "--metrics", "acc",
+            "--limit", "32", "--checkpoint", str(weights), "--finetune-epochs", "0.05",
+            "--finetune-opt", "train_limit=96", "--out", str(out)]
+    request, _ = run_all.parse(argv)
+    plan = grid.plan(request)
+    weights.unlink()
+    summary = dispatch.dispatch(plan, request.dispatch)
+    tuned = next(s for s in plan.jobs if s.kind == "finetune")
+    assert tuned.key in summary.failed and "weights.safetensors" in summary.errors[tuned.key]
+    blocked = [key for key in summary.blocked if key.startswith("acc-evit")]
+    assert len(blocked) == 1 and tuned.key in summary.blocked[blocked[0]]
+    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert index(out)[blocked[0]]["job_id"] not in queue  # cancelled, not left pending forever
+
+
+@pytest.mark.parametrize("flags, exclusive", [((), True), (("--no-throughput-exclusive",), False)])
+def test_timing_job_gets_its_node_and_as_many_threads_as_cpus(tmp_path, flags, exclusive):
+    """Item 2 of the hostile run: a timing job on SLURM sizes torch's thread pool to the CPUs SLURM gave
+    it (not to every core of the node) and, unless told otherwise, has the node to itself."""
+    knobs = (("iters", 1), ("max_repeats", 5), ("repeats", 5), ("warmup", 0))
+    job = JobSpec("throughput", EMBEDDED, method="evit", keep_ratio=0.5, batch_size=1, extra=knobs)
+    summary = dispatch.dispatch(plan_of([job], tmp_path), parse("--launcher", "slurm", "--cpus-per-task", "1", *flags))
+    assert summary.done == [job.key], summary.errors
+    record = records.read_record(records.record_path(tmp_path, job.key))
+    assert record.metrics["threads"] == 1 and record.data["env"]["slurm_job_id"] is not None
+    scripts = list((tmp_path / "launch" / "slurm").rglob("*submission.sh"))
+    assert scripts and all(("#SBATCH --exclusive" in s.read_text().splitlines()) is exclusive for s in scripts)

@@ -232,3 +232,146 @@ def test_threads_follow_the_cpus_the_job_holds_and_settings_are_restored(tmp_pat
     assert r["threads"] == 1 and r["cudnn_benchmark"] is False  # CPU job: no autotuning
     assert torch.get_num_threads() == 2 and torch.backends.cudnn.benchmark is False  # restored
     torch.set_num_threads(1)
+
+
+# --- compile, SDPA kernels, batch sweep -----------------------------------------------------------
+
+def test_sdpa_kernels_are_recorded_for_both_models(tmp_path):
+    r = run(_spec(method="tome", keep_ratio=0.5, batch_size=1, extra=dict(fused_attn=True)), tmp_path)
+    assert r["sdpa_kernels"] and r["sdpa_kernels"] == r["baseline_sdpa_kernels"]  # ToMe's size bias included
+    assert all(k.startswith("_scaled_dot_product") for k in r["sdpa_kernels"])
+    explicit = run(_spec(method="evit", keep_ratio=0.5, batch_size=1, extra=dict(fused_attn=False)), tmp_path)
+    assert explicit["sdpa_kernels"] == explicit["baseline_sdpa_kernels"] == ["explicit"]
+    assert r["compiled"] is False
+
+
+def test_compile_knob_compiles_the_method_and_its_baseline_alike(tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(net, **kwargs):  # the wiring only: a real compile takes a minute (compat_matrix.py)
+        compiled.append((type(net).__name__, kwargs))
+        return net
+
+    monkeypatch.setattr(throughput.torch, "compile", fake_compile)
+    r = run(_spec(method="idle", keep_ratio=0.5, batch_size=1, extra=dict(compile=True)), tmp_path)
+    assert r["compiled"] is True and len(compiled) == 2
+    assert compiled[0][0] != compiled[1][0]  # the patched model and the stock one, same settings
+    assert compiled[0][1] == compiled[1][1] == {}  # fullgraph=False (the default)
+
+
+def test_sweep_sizes_and_break_even():
+    assert throughput.sweep_sizes(1) == [1]
+    assert throughput.sweep_sizes(6) == [1, 2, 4, 6]
+    assert throughput.sweep_sizes(8) == [1, 2, 4, 8]
+    points = [dict(batch_size=b, speedup_ci_low=low) for b, low in ((1, 0.8), (2, 0.99), (4, 1.02), (8, 1.3))]
+    assert throughput.break_even(points) == 4
+    assert throughput.break_even(points[:2]) is None
+
+
+def test_batch_sweep_measures_every_size_in_one_job(tmp_path, monkeypatch):
+    sizes = []
+    real = throughput.measure
+
+    def measure(model, baseline, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        result = real(model, baseline, batch_size, *args, **kwargs)
+        # a fake speedup interval that rises with the batch: break-even at 4
+        low = 0.9 if batch_size < 4 else 1.1
+        return dict(result, speedup=low + 0.05, speedup_ci_low=low, speedup_ci_high=low + 0.1)
+
+    monkeypatch.setattr(throughput, "measure", measure)
+    r = run(_spec(method="topk", keep_ratio=0.5, batch_size=6, extra=dict(batch_sweep=True)), tmp_path)
+    assert sizes == [1, 2, 4, 6]
+    assert [p["batch_size"] for p in r["batch_sweep"]] == [1, 2, 4, 6]
+    assert r["break_even_batch"] == 4 and r["batch_size"] == 6  # the top-level fields: the largest size
+    assert set(throughput.SWEEP_FIELDS) <= set(r["batch_sweep"][0])
+
+
+def test_batch_sweep_stops_at_the_first_size_out_of_memory():
+    model, baseline = tiny_pair()
+    original = model.forward
+
+    def forward(x, *a, **k):
+        if x.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return original(x, *a, **k)
+
+    model.forward = forward
+    r = throughput.batch_sweep(model, baseline, 16, "cpu", "fp32", **FAST)
+    assert [p["batch_size"] for p in r["batch_sweep"]] == [1, 2, 4, 4]  # 8 ran out, fell back to 4: stop
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(compile="yes"), "compile='yes'"),
+    (dict(batch_sweep=1), "batch_sweep=1"),
+    (dict(compile=True, warmup=0), "warmup >= 1"),
+])
+def test_bad_compile_and_sweep_knobs(extra, message):
+    with pytest.raises(ThroughputError, match=message):
+        throughput.knobs(_spec(extra=extra))
+
+
+def test_speedup_vs_batch_figure_marks_the_break_even(tmp_path):
+    import pandas as pd
+
+    from bench.report import plots
+
+    points = [dict(batch_size=b, speedup=s, speedup_ci_low=s - 0.05, speedup_ci_high=s + 0.05)
+              for b, s in ((1, 0.9), (2, 1.0), (4, 1.2), (8, 1.4))]
+    tidy = pd.DataFrame([dict(kind="throughput", status="ok", model="m", method="evit", keep_ratio=0.5,
+                              options={}, options_key=(), layers=(), regime="off-the-shelf", finetune=(),
+                              batch_size=8, batch_sweep=points, break_even_batch=4)])
+    fig = plots.speedup_vs_batch(tidy, "m")
+    ax = fig.axes[0]
+    from matplotlib.collections import PathCollection
+
+    rings = [c for c in ax.collections if isinstance(c, PathCollection)]  # scatter marks, not the band
+    assert [tuple(c.get_offsets()[0]) for c in rings] == [(4.0, 1.2)]
+    path = plots.save_figure(fig, tmp_path / "speedup_vs_batch_m")
+    assert path.stat().st_size > 1000
+
+
+# --- the knobs end to end, through run_all (tiny sizes, no timing asserts) ---------------------------
+
+TINY_RUN = ["--models", models.EMBEDDED_MODEL, "--methods", "idle", "--ratios", "0.5", "--metrics", "throughput",
+            "--device", "cpu", "--repeats", "5", "--max-repeats", "5", "--iters", "1", "--warmup", "1"]
+
+
+def test_compile_and_batch_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    import functools
+
+    import bench.report
+    import run_all
+    from bench import records
+
+    # Dynamo really captures both models; the eager backend skips inductor's code generation (a minute here).
+    monkeypatch.setattr(throughput.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(bench.report, "write_report",
+                        functools.partial(bench.report.write_report, figures=False, pictures=False))
+    out = tmp_path / "run"
+    assert run_all.main([*TINY_RUN, "--batch-sizes", "1,2", "--compile", "--batch-sweep", "--out", str(out)]) == 0
+    assert "2 done, 0 skipped, 0 failed" in capsys.readouterr().out  # one sweep job per method, not one per size
+    done, _, problems = records.scan(out)
+    assert not problems and len(done) == 2
+    for record in (r.data for r in done.values()):
+        m = record["metrics"]
+        assert record["spec"]["extra"]["compile"] is True and record["spec"]["extra"]["batch_sweep"] is True
+        assert m["compiled"] is True and m["batch_size"] == 2
+        assert [p["batch_size"] for p in m["batch_sweep"]] == [1, 2]
+        assert "break_even_batch" in m and m["break_even_batch"] in (None, 1, 2)
+        assert m["sdpa_kernels"] and m["baseline_sdpa_kernels"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--compile", "--warmup", "0"], "warmup >= 1"),
+    (["--compile=yes"], "--compile"),
+    (["--batch-sweep=2"], "--batch-sweep"),
+])
+def test_bad_compile_and_sweep_flags_exit_2_with_one_line(tmp_path, capsys, argv, named):
+    import run_all
+
+    out = tmp_path / "run"
+    assert run_all.main([*TINY_RUN[:-2], "--out", str(out), *argv]) == 2  # TINY_RUN less its --warmup 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("run_all.py: error: ") and named in err
+    assert not out.exists()

@@ -62,9 +62,10 @@ def check(specs: Sequence[JobSpec], options: DispatchOptions) -> str:
 
         visible_gpus()  # a bad CUDA_VISIBLE_DEVICES is a LaunchError now, not after the snapshot
     else:
-        from .slurm import check_available
+        from .slurm import check_available, check_partition
 
         check_available()
+        check_partition(options.partition)
     return launcher
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 from .. import jobs, records
 from ..spec import JobSpec
 from ..request import DispatchOptions, LaunchError
-from .runner import run_job
+from .runner import job_function
 from .watch import LAUNCH_DIR, Progress, save_index
 
 POLL_S = 1.0  # how often the driver looks at its jobs
@@ -46,13 +46,23 @@ class SlotScheduler:
     """Hands out devices so that no two running jobs share one: a job holds one GPU (or the only CPU slot),
     and a CPU timing job on a GPU machine holds every slot, since it shares the CPU with all of them."""
 
-    def __init__(self, gpus: Sequence[int]):
+    def __init__(self, gpus: Sequence[int], processes: int = 1):
         self.slots = list(gpus) or [CPU]
         self.free = list(self.slots)
+        self.processes = processes  # GPUs a data-parallel job takes (--finetune-gpus)
 
     def acquire(self, spec: JobSpec) -> list | None:
         """The slots `spec` may run on now, taken from the free ones; None when it must wait."""
-        wanted = len(self.slots) if (jobs.get(spec.kind).holds_device and not needs_gpu(spec)) else 1
+        kind = jobs.get(spec.kind)
+        if kind.holds_device and not needs_gpu(spec):
+            wanted = len(self.slots)
+        elif kind.data_parallel and needs_gpu(spec):
+            wanted = self.processes
+            if wanted > len(self.slots):
+                raise LaunchError(f"--finetune-gpus {wanted}: only {len(self.slots)} GPU(s) visible here; "
+                                  f"valid: 1..{len(self.slots)}")
+        else:
+            wanted = 1
         if len(self.free) < wanted:
             return None
         held, self.free = self.free[:wanted], self.free[wanted:]
@@ -62,10 +72,15 @@ class SlotScheduler:
         self.free += held
 
 
-def local_parameters(options: DispatchOptions, held: list) -> dict:
-    """submitit.LocalExecutor parameters of a job holding `held` slots (always a timeout: submitit's is 2 min)."""
-    gpus = [slot for slot in held if slot != CPU][:1]
-    return dict(timeout_min=options.time_min, gpus_per_node=len(gpus), visible_gpus=tuple(gpus))
+def local_parameters(options: DispatchOptions, held: list, data_parallel: bool = False) -> dict:
+    """submitit.LocalExecutor parameters of a job holding `held` slots (always a timeout: submitit's is 2 min).
+    A data-parallel job uses every GPU it holds, one process each; any other job one GPU at most."""
+    gpus = [slot for slot in held if slot != CPU]
+    gpus = gpus if data_parallel else gpus[:1]
+    params = dict(timeout_min=options.time_min, gpus_per_node=len(gpus), visible_gpus=tuple(gpus))
+    if len(gpus) > 1:
+        params["tasks_per_node"] = len(gpus)  # one process per GPU; submitit sets RANK/WORLD_SIZE for DDP
+    return params
 
 
 def run_local(todo: Sequence[JobSpec], run_dir: Path, options: DispatchOptions, gpus: Sequence[int],
@@ -76,7 +91,7 @@ def run_local(todo: Sequence[JobSpec], run_dir: Path, options: DispatchOptions, 
     # No "%j" in the folder: the local executor does not expand it (files are named by job id instead).
     executor = executor or submitit.LocalExecutor(folder=run_dir / LAUNCH_DIR / "local")
     waiting = {spec.key for spec in todo}
-    scheduler, queue, running = SlotScheduler(gpus), deque(todo), []  # running: (job, spec, held)
+    scheduler, queue, running = SlotScheduler(gpus, options.finetune_gpus), deque(todo), []  # running: (job, spec, held)
     progress = Progress(len(queue), run_dir)
     try:
         while queue or running:
@@ -94,8 +109,8 @@ def run_local(todo: Sequence[JobSpec], run_dir: Path, options: DispatchOptions, 
                 if held is None:
                     break  # in order: a later job does not overtake one waiting for a device
                 queue.remove(spec)
-                executor.update_parameters(**local_parameters(options, held))
-                job = executor.submit(run_job, spec, str(run_dir), options.force, origin)
+                executor.update_parameters(**local_parameters(options, held, jobs.get(spec.kind).data_parallel))
+                job = executor.submit(job_function(spec), spec, str(run_dir), options.force, origin)
                 running.append((job, spec, held))
                 started.append((spec, job))
             if started:

@@ -31,8 +31,8 @@ from ..spec import JobSpec
 log = logging.getLogger(__name__)
 
 
-class StorageError(OSError):
-    """The run folder cannot be written (disk full, read-only file system): one line, the path, the errno."""
+StorageError = records.StorageError  # the run folder cannot be written: one line, the path, the errno
+RERUN_ADVICE = "finished records are kept; rerun the same command once the disk can be written"
 
 
 @dataclass
@@ -139,8 +139,12 @@ def job_lock(run_dir, key: str, wait: bool):
     """An exclusive lock on launch/locks/<key>.lock; yields False (without waiting) when another process
     holds it. POSIX record locks, which NFS and Lustre run folders honour."""
     path = Path(run_dir) / "launch" / "locks" / f"{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as exc:  # a read-only or full run folder: say which file, not a traceback
+        raise records.storage_error(exc, path, RERUN_ADVICE) from None
+    with handle:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as exc:
@@ -157,7 +161,13 @@ def job_lock(run_dir, key: str, wait: bool):
 def run_job(spec: JobSpec, run_dir, force: bool = False, origin: dict | None = None, wait: bool = True) -> str:
     """Run one job into its record: "ok", "skipped" (already finished), "error" (error record written),
     "blocked" (a dependency has no finished record) or "locked" (another process runs it; only when
-    `wait` is False). `origin` is the provenance of the checkout the run was planned from."""
+    `wait` is False). `origin` is the provenance of the checkout the run was planned from.
+
+    In a job of several processes (data-parallel finetuning) only process 0 locks and records; the
+    others take part in the computation."""
+    if int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0))) != 0:
+        jobs.get(spec.kind).run(spec, jobs.JobContext(Path(run_dir), _upstream_records(spec, run_dir)))
+        return "ok"
     with job_lock(run_dir, spec.key, wait) as mine:
         if not mine:
             return "locked"
@@ -184,7 +194,10 @@ def device_lock(spec: JobSpec):
         device = f"cuda{os.environ.get('CUDA_VISIBLE_DEVICES', spec.device)}".replace(",", "_").replace(":", "")
     path = Path(tempfile.gettempdir()) / f"tokenbench-timing-{device}.lock"
     # Read-only and flock: another user's lock file (mode 0644 under their umask) still locks.
-    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise records.storage_error(exc, path) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
@@ -209,9 +222,8 @@ def _write(writer, run_dir, spec: JobSpec, *args) -> None:
     try:
         writer(run_dir, spec, *args)
     except OSError as exc:  # the disk, not the job: stop the grid with one line; earlier records stand
-        target = exc.filename or records.records_dir(run_dir)
-        raise StorageError(exc.errno, f"cannot write the record of {spec.key} in {target}: "
-                                      f"{exc.strerror or exc} (errno {exc.errno})") from None
+        target = exc.filename or records.record_path(run_dir, spec.key)
+        raise records.storage_error(exc, target, RERUN_ADVICE) from None
 
 
 def error_message(run_dir, key: str) -> str:
@@ -287,3 +299,36 @@ def _outcome(spec: JobSpec, outcome: str, run_dir, summary: RunSummary) -> None:
         summary.blocked[spec.key] = blocked_by(spec, failed) or "a dependency has no finished record"
     else:  # another process finished it
         summary.skipped.append(spec.key)
+
+
+class JobFailed(RuntimeError):
+    """Raised by a submitted job whose measurement failed (its error record is written): the job ends in
+    SLURM's FAILED state, so jobs submitted `afterok` on it are cancelled instead of started."""
+
+
+def run_submitted(spec: JobSpec, run_dir, force: bool = False, origin: dict | None = None) -> str:
+    """`run_job` as a submitted job runs it: a failure (or a missing dependency) fails the job itself."""
+    outcome = run_job(spec, run_dir, force=force, origin=origin)
+    if outcome in ("error", "blocked"):
+        reason = error_message(run_dir, spec.key) if outcome == "error" else "a dependency has no finished record"
+        raise JobFailed(f"{spec.key}: {reason}")
+    return outcome
+
+
+class CheckpointableRun:
+    """`run_submitted` for kinds that checkpoint themselves (finetuning): on a timeout or preemption
+    submitit calls `checkpoint`, which requeues the same call; the job then resumes from its own last
+    checkpoint."""
+
+    def __call__(self, *args, **kwargs) -> str:
+        return run_submitted(*args, **kwargs)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def job_function(spec: JobSpec):
+    """What a submitted job calls: `run_submitted`, requeueable for checkpointable kinds."""
+    return CheckpointableRun() if jobs.get(spec.kind).checkpointable else run_submitted

@@ -19,7 +19,7 @@ from .. import jobs
 from ..spec import JobSpec
 from .local import needs_gpu
 from ..request import DispatchOptions, LaunchError
-from .runner import in_dependency_order, run_job
+from .runner import in_dependency_order, job_function
 from .watch import LAUNCH_DIR, Progress, load_index, save_index
 
 DEFAULT_MAX_ARRAY_SIZE = 1000  # SLURM's own default MaxArraySize is 1001
@@ -36,15 +36,34 @@ def check_available() -> None:
                           "valid here: --launcher local or inline")
 
 
-def slurm_parameters(options: DispatchOptions, gpu: bool, timing: bool) -> dict:
-    """submitit.SlurmExecutor parameters for one group of jobs (all on GPU or all on CPU, timing or not)."""
-    gpus = options.gpus_per_node if options.gpus_per_node is not None else (1 if gpu else None)
+def check_partition(partition: str | None) -> None:
+    """A partition the cluster does not have is refused now, before the grid and the code snapshot are
+    written, rather than by sbatch after them. Where scontrol does not answer, sbatch will judge."""
+    if partition is None or not shutil.which("scontrol"):
+        return
+    try:
+        found = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True,
+                               timeout=30)
+        names = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return
+    if found.returncode != 0 and "not found" in (found.stdout + found.stderr).lower():
+        valid = ", ".join(dict.fromkeys(names)) or "see sinfo"
+        raise LaunchError(f"--partition {partition!r} is not a partition of this cluster; valid: {valid}")
+
+
+def slurm_parameters(options: DispatchOptions, gpu: bool, timing: bool, tasks: int = 1) -> dict:
+    """submitit.SlurmExecutor parameters for one group of jobs (all on GPU or all on CPU, timing or not,
+    with `tasks` processes each: one per GPU for data-parallel finetuning, which submitit's distributed
+    environment turns into a torch process group)."""
+    gpus = options.gpus_per_node if options.gpus_per_node is not None else (tasks if gpu else None)
     params = dict(
         time=options.time_min, partition=options.partition, account=options.account, qos=options.qos,
         constraint=options.constraint, cpus_per_task=options.cpus_per_task, mem=options.mem,
         gpus_per_node=gpus or None,
         exclusive=True if options.exclusive or (timing and options.throughput_exclusive) else None,
         setup=list(options.slurm_setup) or None, array_parallelism=options.array_parallelism,
+        tasks_per_node=tasks if tasks > 1 else None,
     )
     return {name: value for name, value in params.items() if value is not None}
 
@@ -65,17 +84,19 @@ def max_array_size(override: int | None = None) -> int:
     return parse_max_array_size(out) or DEFAULT_MAX_ARRAY_SIZE
 
 
-def _group(spec: JobSpec) -> tuple[bool, bool]:
-    return needs_gpu(spec), jobs.get(spec.kind).holds_device
+def _group(spec: JobSpec, options: DispatchOptions) -> tuple[bool, bool, int]:
+    kind = jobs.get(spec.kind)
+    return needs_gpu(spec), kind.holds_device, options.processes(kind.data_parallel)
 
 
 def array_plan(specs: Sequence[JobSpec], options: DispatchOptions, max_size: int) -> list[tuple[dict, list[JobSpec]]]:
-    """The grid as SLURM arrays: one parameter set per (GPU?, timing?) group, chunks of at most `max_size`."""
-    groups: dict[tuple[bool, bool], list[JobSpec]] = {}
+    """The grid as SLURM arrays: one parameter set per (GPU?, timing?, processes) group, chunks of at most
+    `max_size`."""
+    groups: dict[tuple[bool, bool, int], list[JobSpec]] = {}
     for spec in specs:
-        groups.setdefault(_group(spec), []).append(spec)
-    return [(slurm_parameters(options, gpu, timing), chunk[i:i + max_size])
-            for (gpu, timing), chunk in groups.items() for i in range(0, len(chunk), max_size)]
+        groups.setdefault(_group(spec, options), []).append(spec)
+    return [(slurm_parameters(options, *group), chunk[i:i + max_size])
+            for group, chunk in groups.items() for i in range(0, len(chunk), max_size)]
 
 
 def active_jobs(run_dir: Path, keys: Sequence[str]) -> dict[str, str]:
@@ -123,16 +144,16 @@ def submit(todo: Sequence[JobSpec], run_dir: Path, options: DispatchOptions, ori
             # A fresh executor per array: update_parameters merges, so an earlier --exclusive would stick.
             executor = _executor(run_dir, params)
             with executor.batch():
-                handles = [executor.submit(run_job, spec, str(run_dir), options.force, origin) for spec in chunk]
+                handles = [executor.submit(job_function(spec), spec, str(run_dir), options.force, origin) for spec in chunk]
             submitted += zip(chunk, handles)
             save_index(run_dir, "slurm", submitted)
         job_of = {spec.key: job for spec, job in [*queued, *submitted]}
         for spec in in_dependency_order(dependants):
             after = ":".join(job_of[u.key].job_id for u in jobs.dependencies(spec) if u.key in job_of)
-            params = dict(slurm_parameters(options, *_group(spec)), dependency=f"afterok:{after}",
+            params = dict(slurm_parameters(options, *_group(spec, options)), dependency=f"afterok:{after}",
                           additional_parameters={"kill-on-invalid-dep": "yes"})
             params.pop("array_parallelism", None)
-            job = _executor(run_dir, params).submit(run_job, spec, str(run_dir), options.force, origin)
+            job = _executor(run_dir, params).submit(job_function(spec), spec, str(run_dir), options.force, origin)
             job_of[spec.key] = job
             submitted.append((spec, job))
             save_index(run_dir, "slurm", submitted)

@@ -3,7 +3,8 @@ name on the registration line below.
 
     from bench import jobs
     jobs.get("acc").run(spec, context)      # what `bench.dispatch.runner.run_job` does
-    jobs.measuring()                          # kinds --metrics may name: ['acc', 'flops', 'throughput']
+    jobs.measuring()                          # kinds --metrics may name: ['acc', 'flops', 'throughput', 'trace']
+    jobs.defaults()                           # the kinds of a grid without --metrics: ['acc', 'flops', 'throughput']
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def measuring() -> list[str]:
     return [name for name, kind in _KINDS.items() if kind.measures]
 
 
+def defaults() -> list[str]:
+    """The measuring kinds a grid runs when --metrics is not given."""
+    return [name for name, kind in _KINDS.items() if kind.measures and kind.default]
+
+
 def normalise(spec: JobSpec) -> JobSpec:
     return get(spec.kind).normalise(spec)
 
@@ -54,4 +60,4 @@ def dependencies(spec: JobSpec) -> list[JobSpec]:
 
 
 # Registration: one module per kind (import order = order in tables).
-from . import accuracy, flops, throughput  # noqa: E402,F401
+from . import accuracy, flops, throughput, finetune, trace  # noqa: E402,F401

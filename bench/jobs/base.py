@@ -52,8 +52,10 @@ class JobKind:
     depends_on: tuple[str, ...] = ()  # kinds whose `upstream_of` may name a job this one needs
     upstream_of: Callable[[JobSpec], JobSpec | None] | None = None  # the job of THIS kind a spec needs
     measures: bool = True  # selectable with --metrics (a finetune job is made as a dependency instead)
+    default: bool = True  # measured when --metrics is not given (a trace is costly and asked for by name)
     holds_device: bool = False  # timing: no other job may share its device while it runs
     checkpointable: bool = False  # long: requeued on timeout or preemption and resumed
+    data_parallel: bool = False  # may run as several processes (one per GPU, --finetune-gpus)
     validate: Callable[[JobSpec], None] | None = None  # pre-flight of the kind's own settings
 
     def normalise(self, spec: JobSpec) -> JobSpec:

@@ -12,7 +12,10 @@ a second copy of itself (the `none` job of every grid) is the null comparison: i
 run's noise floor.
 
 Knobs come from `spec.extra`: warmup, repeats (the minimum), max_repeats, ci_target, iters (forwards
-per timing; default calibrated to about `repeat_s` seconds) and fused_attn.
+per timing; default calibrated to about `repeat_s` seconds), fused_attn, compile (both models through
+`torch.compile`, fullgraph=False) and batch_sweep (measure batch 1, 2, 4, ... up to the job's batch size
+and find the break-even batch, docs/protocol.md#latency-batch-break-even). The record names the SDPA
+kernels each model actually ran (`sdpa_kernels`, read from the profiler after the timing).
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ from ..models import autocast, create_model, input_size, seed_everything
 from ..spec import JobSpec
 from . import JobContext, JobKind, ReportPart, register
 
+_SHARED = dict(fused_attn=None, compile=False, batch_sweep=False)
 DEFAULTS = {
-    "cpu": dict(warmup=3, repeats=5, max_repeats=15, ci_target=0.02, iters=None, repeat_s=0.1, fused_attn=None),
-    "cuda": dict(warmup=25, repeats=7, max_repeats=30, ci_target=0.01, iters=None, repeat_s=0.25, fused_attn=None),
+    "cpu": dict(warmup=3, repeats=5, max_repeats=15, ci_target=0.02, iters=None, repeat_s=0.1, **_SHARED),
+    "cuda": dict(warmup=25, repeats=7, max_repeats=30, ci_target=0.01, iters=None, repeat_s=0.25, **_SHARED),
 }
+TIMING_KNOBS = ("warmup", "repeats", "max_repeats", "ci_target", "iters", "repeat_s")
 UNSTABLE_SPREAD = 1.10  # q75 / q25 of the method's img/s above this: the machine was not quiet
 CONFIDENCE = 0.95
 
@@ -224,6 +229,11 @@ def knobs(spec: JobSpec) -> dict:
             raise ThroughputError(f"throughput {name}={value!r} is not valid; valid: an integer >= {minimum}")
     if out["fused_attn"] is not None and not isinstance(out["fused_attn"], bool):
         raise ThroughputError(f"throughput fused_attn={out['fused_attn']!r} is not valid; valid: true, false")
+    for name in ("compile", "batch_sweep"):
+        if not isinstance(out[name], bool):
+            raise ThroughputError(f"throughput {name}={out[name]!r} is not valid; valid: true, false")
+    if out["compile"] and out["warmup"] < 1:  # else the calibration forward would time the compilation
+        raise ThroughputError("throughput compile=True needs warmup >= 1 (the first forward compiles)")
     if out["repeats"] < 5:
         raise ThroughputError(f"throughput repeats={out['repeats']!r} is too few for a median and "
                               "quartiles; valid: an integer >= 5")
@@ -231,9 +241,50 @@ def knobs(spec: JobSpec) -> dict:
     return out
 
 
+def break_even(points: list[dict]) -> int | None:
+    """The smallest batch size whose speedup interval lies above 1 (the method beats the unpatched
+    model), or None when no measured batch does."""
+    wins = [p["batch_size"] for p in points if p["speedup_ci_low"] > 1.0]
+    return min(wins) if wins else None
+
+
+def sweep_sizes(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, then `limit` itself."""
+    sizes = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
+    return sizes + [limit]
+
+
+SWEEP_FIELDS = ("batch_size", "speedup", "speedup_ci_low", "speedup_ci_high", "img_s", "baseline_img_s",
+                "latency_ms", "baseline_latency_ms", "repeats", "iters", "spread")
+
+
+def batch_sweep(model: nn.Module, baseline: nn.Module, limit: int, device: str, dtype: str, **timing) -> dict:
+    """`measure` at every size of `sweep_sizes(limit)`, smallest first, in this process; it stops at the
+    first size that ran out of memory (measured at the halved size it fell back to). The result is the
+    largest size's measurement with the whole curve (`batch_sweep`) and its `break_even_batch`."""
+    points, result = [], None
+    for size in sweep_sizes(limit):
+        result = measure(model, baseline, size, device, dtype, **timing)
+        points.append({k: result[k] for k in SWEEP_FIELDS})
+        if result["batch_size"] < size:
+            break
+    return dict(result, batch_sweep=points, break_even_batch=break_even(points))
+
+
+@torch.inference_mode()
+def kernels_of(net: nn.Module, batch_size: int, device: str, dtype: str) -> list[str]:
+    """The SDPA kernels one forward of `net` runs at this batch size (methods.attention.sdpa_kernels)."""
+    from methods.attention import sdpa_kernels
+
+    x = torch.randn(batch_size, *input_size(net), device=device)
+    with autocast(device, dtype):
+        return sdpa_kernels(net, x)
+
+
 def run(spec: JobSpec, context: JobContext) -> dict:
-    """Measure one batch size. Weights are random: the work a forward does depends on the
-    architecture and the method's token counts, not on weight values, so no file or download."""
+    """Measure one batch size (or, with batch_sweep, every size up to it). Weights are random: the work a
+    forward does depends on the architecture and the method's token counts, not on weight values, so no
+    file or download."""
     settings = knobs(spec)
     threads = job_cpus()
     with job_settings(spec.device, threads):
@@ -242,14 +293,21 @@ def run(spec: JobSpec, context: JobContext) -> dict:
         model = create_model(spec.model)
         model.load_state_dict(baseline.state_dict())
         methods.apply(model, spec.method, spec.keep_ratio, spec.layers, **spec.options())
+        schedule = model.token_reduction.schedule()
         if settings["fused_attn"] is not None:
             for net in (model, baseline):
                 set_fused_attn(net, settings["fused_attn"])
-        result = measure(model, baseline, spec.batch_size, spec.device, spec.dtype,
-                         **{k: settings[k] for k in ("warmup", "repeats", "max_repeats", "ci_target", "iters",
-                                                      "repeat_s")})
+        if settings["compile"]:  # both alike, so the speedup compares like with like
+            model, baseline = torch.compile(model), torch.compile(baseline)
+        timing = {k: settings[k] for k in TIMING_KNOBS}
+        if settings["batch_sweep"]:
+            result = batch_sweep(model, baseline, spec.batch_size, spec.device, spec.dtype, **timing)
+        else:
+            result = measure(model, baseline, spec.batch_size, spec.device, spec.dtype, **timing)
+        kernels = {f"{prefix}sdpa_kernels": kernels_of(net, result["batch_size"], spec.device, spec.dtype)
+                   for prefix, net in (("", model), ("baseline_", baseline))}
         cudnn_benchmark = torch.backends.cudnn.benchmark
-    return dict(result, tokens_per_block=list(model.token_reduction.schedule().tokens_attn),
+    return dict(result, **kernels, compiled=settings["compile"], tokens_per_block=list(schedule.tokens_attn),
                 tf32=bool(torch.backends.cuda.matmul.allow_tf32), threads=threads, cudnn_benchmark=cudnn_benchmark)
 
 
@@ -263,6 +321,6 @@ KIND = register(JobKind(
                       conditions=("tp_device", "tp_dtype", "tp_batch_size"),
                       values=("batch_size_used", "device_name", "img_s", "img_s_q25", "img_s_q75", "baseline_img_s",
                               "speedup", "speedup_ci_low", "speedup_ci_high", "unstable", "spread", "latency_ms",
-                              "peak_mem_mb", "repeats", "threads")),
+                              "peak_mem_mb", "repeats", "threads", "compiled", "break_even_batch")),
     holds_device=True, validate=validate,
 ))

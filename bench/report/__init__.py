@@ -8,28 +8,46 @@ and none of them imports another.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import traceback
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .. import records
-from . import frame, published, stats, tables
-from .frame import BASELINE, ReportError, load_runs  # noqa: F401
-from .tables import conditions_text, paper_table, to_latex, tokens_per_stage  # noqa: F401
+
+if TYPE_CHECKING:  # annotations only: pandas is imported lazily, see below
+    import pandas as pd
 
 ACC_CONDITIONS = ["data", "limit", "acc_dtype", "acc_device"]
+# The parts load on first use (PEP 562), not with the package: pandas and the method registry take
+# seconds to import, and `python -m bench.report` imports this package before its __main__ runs, which
+# could then not answer a Ctrl-C during those seconds with one line.
+_PARTS = ("frame", "published", "stats", "tables", "plots", "viz", "figure", "calibration", "agreement")
+_NAMES = dict(BASELINE="frame", ReportError="frame", load_runs="frame", conditions_text="tables",
+              paper_table="tables", to_latex="tables", tokens_per_stage="tables")
+
+
+def __getattr__(name: str):
+    if name in _PARTS:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def summarize(tidy: pd.DataFrame, published_csv=None) -> pd.DataFrame:
     """The summary of a tidy frame, with published figures beside ours where there are any."""
+    from . import frame, published
+
     return published.add(frame.summarize(tidy), published_csv)
 
 
 def console_table(run_dirs) -> str:
-    return tables.console_table(summarize(load_runs(run_dirs)))
+    from . import frame, tables
+
+    return tables.console_table(summarize(frame.load_runs(run_dirs)))
 
 
 def _csv_ready(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,12 +62,17 @@ def _csv_ready(df: pd.DataFrame) -> pd.DataFrame:
 def write_report(run_dirs, out_dir=None, figures: bool = True, pictures: bool = True,
                  published_csv=None) -> dict[str, Path]:
     """Write summary.csv, table.md, table.tex, pairwise.csv, figures and report.md; returns their paths."""
+    from . import agreement, calibration, stats
+    from .frame import BASELINE, collapse_seeds, load_runs
+    from .tables import conditions_text, paper_table, to_latex
+
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
     tidy = load_runs(run_dirs)  # before mkdir: a mistyped run folder must not be created
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(tidy, published_csv)
-    table = paper_table(summary)
+    display = collapse_seeds(summary)  # one row per configuration, mean ± std where it ran with several seeds
+    table = paper_table(display)
     caption = conditions_text(summary)
     paths = dict(summary=out / "summary.csv", table_md=out / "table.md", table_tex=out / "table.tex",
                  records=out / "records.csv")
@@ -62,21 +85,30 @@ def write_report(run_dirs, out_dir=None, figures: bool = True, pictures: bool = 
     if len(pairs):
         paths["pairwise"] = out / "pairwise.csv"
         pairs.to_csv(paths["pairwise"], index=False)
-    figure_paths, notes = {}, []
+    figure_paths, notes, sections = {}, [], []
     if figures and len(summary):
         from . import plots
 
-        figure_paths = plots.write_figures(tidy, summary, out / "figures")
+        figure_paths = plots.write_figures(tidy, display, out / "figures")
+        figure_paths.update(calibration.write_figures(summary, out / "figures"))
+    sections += calibration.markdown(display)
+    pairs_agreement = agreement.table(tidy, summary)
+    if len(pairs_agreement):
+        paths["agreement"] = out / "agreement.csv"
+        agreement.csv_ready(pairs_agreement).to_csv(paths["agreement"], index=False)
+        heatmaps = agreement.write_heatmaps(pairs_agreement, out / "figures") if figures else {}
+        paths.update({f"figure:{k}": v for k, v in heatmaps.items()})
+        sections += agreement.markdown(pairs_agreement, heatmaps, out)
     if pictures and len(summary):
         from . import viz
 
-        pics, skipped = viz.write_pictures(summary, out / "figures")
+        pics, skipped = viz.write_pictures(display, out / "figures")
         figure_paths.update(pics)
         notes += [f"token pictures: {name} skipped ({why})" for name, why in skipped.items()]
     paths.update({f"figure:{k}": v for k, v in figure_paths.items()})
     paths["report"] = out / "report.md"
     paths["report"].write_text(
-        _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out)
+        _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out, sections)
         + _pending_markdown(run_dirs, tidy))
     return paths
 
@@ -88,10 +120,19 @@ def write_after_run(run_dir, prog: str) -> bool:
         write_report(run_dir)
         print(console_table(run_dir))
         return True
+    except OSError as exc:  # the disk (full, read-only), not a bug: one line; the records are safe
+        print(f"{prog}: {storage_message(exc, run_dir)}; rebuild it with: python -m bench.report {run_dir}",
+              file=sys.stderr)
+        return False
     except Exception:  # any failure of the report itself: the traceback is the useful part here
         traceback.print_exc()
         print(f"{prog}: the report failed; rebuild it with: python -m bench.report {run_dir}", file=sys.stderr)
         return False
+
+
+def storage_message(exc: OSError, out_dir) -> str:
+    """One line for a report that cannot be written: the file (or folder) and the errno."""
+    return f"cannot write the report in {exc.filename or out_dir}: {exc.strerror or exc} (errno {exc.errno})"
 
 
 def pending_jobs(run_dirs, tidy: pd.DataFrame) -> list[tuple[str, str]]:
@@ -127,7 +168,10 @@ _PUBLISHED_COLUMNS = {
 }
 
 
-def _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out: Path) -> str:
+def _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_paths, notes, out: Path,
+                     sections=()) -> str:
+    from . import tables
+
     lines = ["# tokenbench report", "", "Runs: " + ", ".join(f"`{r}`" for r in run_dirs), "",
              "## Results", "", table.to_markdown(index=False, disable_numparse=True), "", f"*{caption}*", ""]
     floor = tables.noise_floor_text(summary)
@@ -146,6 +190,7 @@ def _report_markdown(run_dirs, tidy, summary, table, caption, pairs, figure_path
         lines += ["## Paired tests between methods (McNemar mid-p, same images)", "",
                   pairs.rename(columns={"a_only": "only A right", "b_only": "only B right",
                                         "delta_top1": "ΔTop-1 (A−B)"}).to_markdown(index=False, floatfmt=".4g"), ""]
+    lines += list(sections)  # calibration, decision agreement: each part's own section
     if figure_paths:
         lines += ["## Figures", ""]
         for name, path in figure_paths.items():

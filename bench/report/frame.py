@@ -20,12 +20,14 @@ import methods
 from .. import jobs
 from ..records import preds_path, scan
 from ..spec import OFF_THE_SHELF
-from . import stats
+from . import calibration, stats
 
 BASELINE = "none"
 ALPHA = stats.DEFAULT_ALPHA  # significance level of the paired tests the tables mark
 ARCH = ["model", "method", "options_key", "layers", "keep_ratio"]  # what FLOPs and timings depend on
-WEIGHTS = ["checkpoint", "pretrained", "random_weights", "regime", "finetune"]  # what accuracy adds
+# What accuracy adds. The seed belongs here: a finetuned model's weights depend on it, and with --seeds
+# one configuration has a record per seed, which must stay apart (docs/protocol.md#seeds).
+WEIGHTS = ["checkpoint", "pretrained", "random_weights", "regime", "finetune", "seed"]
 CONFIG = ARCH + WEIGHTS
 # Spec fields that a metric dict may repeat with the value actually used (throughput's batch size).
 _SPEC_COLLISIONS = ("batch_size", "dtype", "device")
@@ -94,19 +96,25 @@ def _part(tidy: pd.DataFrame, kind: str) -> pd.DataFrame:
         cis = [stats.ci_of_file(p) for p in part.get("preds_path", pd.Series([None] * len(part), index=part.index))]
         part["top1_ci_low"], part["top1_ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
         values += ["top1_ci_low", "top1_ci_high"]
+        scores = [calibration.of_file(p) for p in part.get("preds_path", pd.Series([None] * len(part), index=part.index))]
+        for name in calibration.NAN_RESULT:  # ECE, Brier and their CIs; NaN for old predictions files
+            part[name] = [score[name] for score in scores]
+        values += list(calibration.NAN_RESULT)
     return part[[c for c in keys + values if c in part]]
 
 
 def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
     """Machine-readable summary (every column of summary.csv), sorted for reading."""
-    parts = [(kind, p) for kind in jobs.measuring() if not (p := _part(tidy, kind)).empty]
+    # Kinds without summary values (trace) are read by their own report parts, not merged here.
+    parts = [(kind, p) for kind in jobs.measuring()
+             if jobs.get(kind).report.values and not (p := _part(tidy, kind)).empty]
     if not parts:
         return pd.DataFrame(columns=CONFIG + ["options", "variant"])
     summary = functools.reduce(
         lambda a, b: a.merge(b, on=[c for c in (CONFIG if "checkpoint" in b else ARCH) if c in a], how="outer"),
         [p for _, p in parts])
     for column, fill in (("checkpoint", ""), ("pretrained", False), ("random_weights", False),
-                         ("regime", "off-the-shelf"), ("finetune", ())):
+                         ("regime", "off-the-shelf"), ("finetune", ()), ("seed", None)):
         summary[column] = summary[column].map(lambda v, f=fill: f if _missing(v) else v) if column in summary else [fill] * len(summary)
     summary["options"] = summary["options_key"].map(dict)
     summary["variant"] = summary.apply(variant_label, axis=1)
@@ -114,8 +122,8 @@ def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
     order = methods.available()  # registry order: the order of --help and of every table
     summary["_order"] = summary["method"].map(lambda m: order.index(m) if m in order else len(order))
     summary["_options"] = summary["options_key"].map(str)
-    summary = summary.sort_values(["model", "_order", "method", "_options", "layers", "regime", "keep_ratio"],
-                                  ascending=[True] * 6 + [False], kind="stable")
+    summary = summary.sort_values(["model", "_order", "method", "_options", "layers", "regime", "keep_ratio", "seed"],
+                                  ascending=[True] * 6 + [False, True], kind="stable")
     return summary.drop(columns=["_order", "_options"]).reset_index(drop=True)
 
 
@@ -182,3 +190,61 @@ def noise_floor(summary: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     rows = summary[(summary["method"] == BASELINE) & summary["speedup"].notna()]
     return rows.reindex(columns=cols).drop_duplicates(cols[:4]).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: one display row per configuration run with several seeds
+
+SEED_OPTION = "seed"  # a method's own randomness (random keep-K); --seeds sets it with the spec's seed
+SEED_METRICS = ("top1", "top5", "delta_top1", "ece", "brier", "gmacs", "delta_gmacs_pct", "img_s", "speedup",
+                "peak_mem_mb")
+_SEED_GROUP = ["model", "method", "_unseeded", "layers", "keep_ratio", "checkpoint", "pretrained", "random_weights",
+               "regime", "finetune", "data", "limit", "acc_dtype", "acc_device", "tp_device", "tp_dtype",
+               "tp_batch_size"]
+# Per-seed uncertainty that a mean over seeds does not have: cleared rather than shown for one seed.
+_PER_SEED = ("top1_ci_low", "top1_ci_high", "ece_ci_low", "ece_ci_high", "brier_ci_low", "brier_ci_high",
+             "speedup_ci_low", "speedup_ci_high", "delta_top1_p", "preds_path")
+
+
+def collapse_seeds(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with every group of rows that differ only in their seed (the spec's seed and a seed
+    option) as one row: each metric of SEED_METRICS the mean over seeds, `<metric>_std` the sample
+    standard deviation (ddof 1), `seeds` the seeds and `n_seeds` their count. Other rows pass with
+    n_seeds 1. For display (tables, figures); summary.csv keeps one row per seed."""
+    out = summary.assign(n_seeds=1, seeds=[[s] if not _missing(s) else [] for s in summary.get("seed", [None] * len(summary))])
+    if summary.empty or "options_key" not in summary:
+        return out
+    out["_unseeded"] = out["options_key"].map(lambda o: tuple((k, v) for k, v in o if k != SEED_OPTION))
+    seed_of = out.apply(_seed_of, axis=1)
+    rows = []
+    for _, group in out.groupby([c for c in _SEED_GROUP if c in out], dropna=False, sort=False):
+        seeds = seed_of[group.index]
+        if len(group) == 1 or seeds.isna().any() or seeds.nunique() < len(group):  # not only seeds differ
+            rows += [r for _, r in group.iterrows()]
+            continue
+        row = group.iloc[0].copy()
+        for metric in (m for m in SEED_METRICS if m in group):
+            values = pd.to_numeric(group[metric], errors="coerce").dropna()
+            row[metric] = values.mean() if len(values) else math.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        for name in (n for n in _PER_SEED if n in row):
+            row[name] = None if name == "preds_path" else math.nan
+        row["delta_top1_significant"] = None
+        row["options_key"], row["seed"] = row["_unseeded"], None
+        row["options"] = dict(row["options_key"])
+        row["seeds"], row["n_seeds"] = sorted(int(s) for s in seeds), len(group)
+        row["variant"] = variant_label(row)
+        rows.append(row)
+    collapsed = pd.DataFrame(rows).drop(columns="_unseeded").infer_objects()  # rows came as object Series
+    return collapsed.reset_index(drop=True)
+
+
+def _seed_of(row):
+    """A row's seed: its seed option (the default one where the option was left out), else the spec's."""
+    options = dict(row["options_key"])
+    if SEED_OPTION in options:
+        return int(options[SEED_OPTION])
+    method = methods.get_method(row["method"]) if row["method"] in methods.available() else None
+    if method is not None and SEED_OPTION in method.options:
+        return int(method.options[SEED_OPTION].default)
+    return None if _missing(row.get("seed")) else int(row["seed"])

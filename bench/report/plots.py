@@ -119,6 +119,44 @@ def throughput_vs_batch(tidy: pd.DataFrame, model: str):
     return fig
 
 
+def _swept(tidy: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Throughput records of `model` with a batch sweep (throughput knob batch_sweep)."""
+    if "batch_sweep" not in tidy:
+        return tidy.iloc[0:0]
+    rows = tidy[(tidy["kind"] == "throughput") & (tidy["status"] == "ok") & (tidy["model"] == model)]
+    return rows[rows["batch_sweep"].map(lambda v: isinstance(v, list) and len(v) > 0)]
+
+
+def speedup_vs_batch(tidy: pd.DataFrame, model: str):
+    """Speedup over the unpatched model against batch size from batch-sweep records, one panel per keep
+    ratio, the speedup's interval as a band; a ring marks each method's break-even batch (the smallest
+    whose interval lies above 1)."""
+    rows = _swept(tidy, model).copy()
+    rows["variant"] = rows.apply(variant_label, axis=1)
+    ratios = sorted(rows.loc[rows["method"] != BASELINE, "keep_ratio"].unique(), reverse=True) or [1.0]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), squeeze=False, sharey=True)
+    palette = _variant_styles(rows)[0] if len(rows) else {}
+    for ax, ratio in zip(axes[0], ratios):
+        for _, row in rows[(rows["keep_ratio"] == ratio) & (rows["method"] != BASELINE)].iterrows():
+            points = pd.DataFrame(row["batch_sweep"]).sort_values("batch_size")
+            color = palette[row["variant"]]
+            ax.plot(points["batch_size"], points["speedup"], marker="o", color=color, label=row["variant"])
+            ax.fill_between(points["batch_size"], points["speedup_ci_low"], points["speedup_ci_high"],
+                            color=color, alpha=0.15)
+            even = row.get("break_even_batch")
+            if even is not None and not pd.isna(even):
+                at = points[points["batch_size"] == even]
+                ax.scatter(at["batch_size"], at["speedup"], s=160, facecolors="none", edgecolors=color,
+                           linewidths=2, zorder=5)
+        ax.axhline(1.0, color="black", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="batch size", ylabel="speedup over unpatched", title=f"{model}, keep {ratio:g}")
+        ax.grid(alpha=0.3, which="both")
+    _legend_outside(fig, list(axes[0]))
+    fig.suptitle("Speedup against batch size; band: the speedup's interval; ring: break-even batch", fontsize=9)
+    return fig
+
+
 def _idle_tokens(blocks) -> list | None:
     """(active, idle) per block from the FLOPs record's schedule: idle tokens are carried through a block
     untouched by attention and MLP (IdleViT). None without a schedule (no FLOPs job in the run)."""
@@ -151,9 +189,42 @@ def tokens_per_layer(summary: pd.DataFrame, model: str):
             ax.plot(np.arange(len(r.tokens_per_block)), r.tokens_per_block, color="black", ls="--",
                     label="baseline (none)")
         ax.set(xlabel="block", ylabel="tokens in attention (incl. prefix)", title=f"{model}, keep {ratio:g}")
-        ax.set_ylim(bottom=0)
+        if _hierarchical(rows):  # Swin: 3136 tokens in stage 1, 49 in stage 4
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    _legend_outside(fig, list(axes[0]))
+    return fig
+
+
+def _hierarchical(rows: pd.DataFrame) -> bool:
+    """Whether the rows' FLOPs records have per-stage counts (a Swin): token counts span orders of magnitude."""
+    return "stage_gmacs" in rows and rows["stage_gmacs"].map(lambda v: isinstance(v, list)).any()
+
+
+def stage_gmacs(summary: pd.DataFrame, model: str):
+    """GMACs of every stage (its PatchMerging included), per method variant: a panel per keep ratio, the
+    unpatched model as a black outline. Only for hierarchical models (the FLOPs job's `stage_gmacs`)."""
+    rows = summary[(summary["model"] == model) & summary["stage_gmacs"].map(lambda v: isinstance(v, list))]
+    rows = rows.drop_duplicates(["variant", "keep_ratio"])
+    base = rows[rows["method"] == BASELINE]
+    ratios = sorted(rows.loc[rows["method"] != BASELINE, "keep_ratio"].unique(), reverse=True) or [1.0]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), squeeze=False, sharey=True)
+    for ax, ratio in zip(axes[0], ratios):
+        panel = rows[(rows["keep_ratio"] == ratio) & (rows["method"] != BASELINE)]
+        palette = _variant_styles(panel)[0] if len(panel) else {}
+        width = 0.8 / max(len(palette), 1)
+        for k, r in enumerate(panel.set_index("variant", drop=False).loc[list(palette)].itertuples()):
+            stages = np.arange(len(r.stage_gmacs))
+            ax.bar(stages - 0.4 + (k + 0.5) * width, r.stage_gmacs, width, color=palette[r.variant], label=r.variant)
+        for r in base.itertuples():
+            ax.bar(np.arange(len(r.stage_gmacs)), r.stage_gmacs, 0.9, fill=False, edgecolor="black",
+                   label="baseline (none)")
+        ax.set(xlabel="stage", ylabel="GMACs per image", title=f"{model}, keep {ratio:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, axis="y")
     _legend_outside(fig, list(axes[0]))
     return fig
 
@@ -239,9 +310,14 @@ def write_figures(tidy: pd.DataFrame, summary: pd.DataFrame, out_dir) -> dict[st
         if (tidy.get("kind") == "throughput").any():
             paths[f"throughput_vs_batch ({model})"] = save_figure(throughput_vs_batch(tidy, model),
                                                             out_dir / f"throughput_vs_batch_{slug}")
+        if len(_swept(tidy, model)):
+            paths[f"speedup_vs_batch ({model})"] = save_figure(speedup_vs_batch(tidy, model),
+                                                          out_dir / f"speedup_vs_batch_{slug}")
         if "tokens_per_block" in summary and summary["tokens_per_block"].map(lambda t: isinstance(t, list)).any():
             paths[f"tokens_per_layer ({model})"] = save_figure(tokens_per_layer(summary, model),
                                                          out_dir / f"tokens_per_layer_{slug}")
+        if _hierarchical(summary[summary["model"] == model]):
+            paths[f"stage_gmacs ({model})"] = save_figure(stage_gmacs(summary, model), out_dir / f"stage_gmacs_{slug}")
     for option in varied_options(summary):
         for y, ylabel in (("top1", "Top-1 accuracy (%)"), ("gmacs", "GMACs per image")):
             if y in summary and summary[y].notna().any():

@@ -34,10 +34,11 @@ class Predictions:
 
 def load_predictions(path: str | Path) -> Predictions:
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             labels, top5 = np.asarray(npz["labels"]), np.asarray(npz["top5"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise StatsError(f"{path}: not a predictions file with arrays labels and top5 ({exc})") from None
+    except Exception as exc:  # numpy, zipfile and zlib raise many types for a damaged file (BadZipFile, ...)
+        raise StatsError(f"{path}: not a predictions file with arrays labels and top5 "
+                         f"({type(exc).__name__}: {exc})") from None
     if labels.ndim != 1 or top5.ndim != 2 or top5.shape[0] != labels.shape[0]:
         raise StatsError(f"{path}: labels {labels.shape} and top5 {top5.shape} do not describe the same images")
     return Predictions(labels, top5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..jobs.flops import FVCORE_TOLERANCE
-from .frame import ALPHA, BASELINE, noise_floor
+from .frame import ALPHA, BASELINE, collapse_seeds, noise_floor
 
 
 def tokens_per_stage(tokens) -> str:
@@ -24,8 +24,21 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "" if value is None or pd.isna(value) else f"{value:{spec}}{suffix}"
 
 
+def _seeded(row) -> bool:
+    """A row that is the mean over several seeds (frame.collapse_seeds): shown as mean ± std."""
+    n = row.get("n_seeds")
+    return n is not None and not pd.isna(n) and n > 1
+
+
+def _fmt_mean_std(row, metric: str, spec: str, suffix: str = "") -> str:
+    text = _fmt(row.get(metric), spec, suffix)
+    if text and _seeded(row) and pd.notna(row.get(f"{metric}_std")):
+        text += f" ± {row[f'{metric}_std']:{spec.lstrip('+')}}"
+    return text
+
+
 def _fmt_top1(row) -> str:
-    text = _fmt(row.get("top1"), ".2f")
+    text = _fmt_mean_std(row, "top1", ".2f")
     if text and pd.notna(row.get("top1_ci_low")):
         text += f" [{row['top1_ci_low']:.2f}, {row['top1_ci_high']:.2f}]"
     return text
@@ -39,7 +52,7 @@ def _fmt_gmacs(value) -> str:
 def _fmt_delta_top1(row) -> str:
     if row["method"] == BASELINE:
         return "—" if pd.notna(row.get("top1")) else ""
-    text = _fmt(row.get("delta_top1"), "+.2f")
+    text = _fmt_mean_std(row, "delta_top1", "+.2f")
     if text and row.get("delta_top1_significant") is False:
         text += " (n.s.)"
     return text
@@ -58,8 +71,23 @@ def _fmt_img_s(row) -> str:
     return text
 
 
+def _fmt_calibration(row, metric: str, scale: float = 1.0, spec: str = ".3f") -> str:
+    """ECE (scale 100: percent) or Brier score with its bootstrap 95% CI (one seed) or ± its std over seeds."""
+    value = row.get(metric)
+    if value is None or pd.isna(value):
+        return ""
+    text = f"{scale * value:{spec}}"
+    if _seeded(row) and pd.notna(row.get(f"{metric}_std")):
+        text += f" ± {scale * row[f'{metric}_std']:{spec}}"
+    if pd.notna(row.get(f"{metric}_ci_low")):
+        text += f" [{scale * row[f'{metric}_ci_low']:{spec}}, {scale * row[f'{metric}_ci_high']:{spec}}]"
+    return text
+
+
 def _fmt_speedup(row) -> str:
     text = _fmt(row.get("speedup"), ".2f", "×")
+    if text and _seeded(row) and pd.notna(row.get("speedup_std")):
+        text += f" ± {row['speedup_std']:.2f}"
     if text and pd.notna(row.get("speedup_ci_low")):
         text += f" [{row['speedup_ci_low']:.2f}, {row['speedup_ci_high']:.2f}]"
     return text
@@ -74,6 +102,10 @@ def notes(row) -> str:
         out.append(f"fvcore differs by {100 * row['fvcore_rel_diff']:+.2f} % (> {100 * FVCORE_TOLERANCE:g} %)")
     if row.get("unstable") is True:
         out.append(f"timing unstable (q75/q25 {row['spread']:.2f})")
+    if isinstance(row.get("method_notes"), (list, tuple)):  # the method changed the request (ToMe's r)
+        out += list(row["method_notes"])
+    if _seeded(row):
+        out.append(f"mean ± std over {int(row['n_seeds'])} seeds ({', '.join(map(str, row['seeds']))})")
     return "; ".join(out)
 
 
@@ -95,8 +127,23 @@ TABLE_COLUMNS = {
 }
 
 
-def paper_table(summary: pd.DataFrame, columns: dict = TABLE_COLUMNS) -> pd.DataFrame:
-    """Display strings, one row per summary row, in the order of `columns` (name -> formatter)."""
+# Shown after ΔTop-1 when some row has them (predictions files from before calibration have none).
+CALIBRATION_COLUMNS = {
+    "ECE % [95% CI]": lambda r: _fmt_calibration(r, "ece", 100.0, ".2f"),
+    "Brier [95% CI]": lambda r: _fmt_calibration(r, "brier"),
+}
+
+
+def paper_table(summary: pd.DataFrame, columns: dict | None = None) -> pd.DataFrame:
+    """Display strings, one row per summary row, in the order of `columns` (name -> formatter; default
+    TABLE_COLUMNS, with CALIBRATION_COLUMNS where the summary has calibration)."""
+    if columns is None:
+        columns = dict(TABLE_COLUMNS)
+        if "ece" in summary and summary["ece"].notna().any():
+            names = list(columns)
+            at = names.index("ΔTop-1") + 1
+            columns = {**{n: columns[n] for n in names[:at]}, **CALIBRATION_COLUMNS,
+                       **{n: columns[n] for n in names[at:]}}
     rows = [{name: fn(row) for name, fn in columns.items()} for _, row in summary.iterrows()]
     return pd.DataFrame(rows, columns=list(columns))
 
@@ -113,6 +160,9 @@ def conditions_text(summary: pd.DataFrame) -> str:
         parts.append(f"top-1 on {', '.join(values('data'))}{first}"
                      + " with a percentile-bootstrap 95% CI over images; ΔTop-1 marked n.s. when McNemar's "
                      f"mid-p test against the baseline on the same images gives p ≥ {ALPHA}")
+    if "ece" in summary and summary["ece"].notna().any():
+        parts.append("ECE (15 equal-width confidence bins, percent) and Brier score with percentile-bootstrap "
+                     "95% CIs over images")
     if "gmacs" in summary:
         parts.append("GMACs analytic per image, the method's own overhead included, cross-checked with fvcore")
     if values("tp_device"):
@@ -154,7 +204,7 @@ def to_latex(table: pd.DataFrame, caption: str, label: str = "tab:tokenbench") -
 
 CONSOLE_COLUMNS = {
     "model": lambda r: r["model"], "method": lambda r: r["variant"], "keep": lambda r: _fmt(r["keep_ratio"], "g"),
-    "top-1": lambda r: _fmt(r.get("top1"), ".2f"), "GMACs": lambda r: _fmt_gmacs(r.get("gmacs")),
+    "top-1": lambda r: _fmt_mean_std(r, "top1", ".2f"), "GMACs": lambda r: _fmt_gmacs(r.get("gmacs")),
     "img/s": lambda r: _fmt_rate(r.get("img_s")), "speedup": lambda r: _fmt(r.get("speedup"), ".2f", "×"),
     "notes": notes,
 }
@@ -164,7 +214,7 @@ def console_table(summary: pd.DataFrame) -> str:
     """Short text table for the terminal: model | method | keep | top-1 | GMACs | img/s | speedup | notes."""
     if summary.empty:
         return "(no finished records)"
-    table = paper_table(summary, CONSOLE_COLUMNS)
+    table = paper_table(collapse_seeds(summary), CONSOLE_COLUMNS)
     if not table["notes"].any():
         table = table.drop(columns="notes")
     text = table.to_markdown(index=False, tablefmt="simple", disable_numparse=True)

@@ -4,7 +4,8 @@ For a few eval images, one figure per image: a row per method, a column per redu
 each cell the image with the state of every original patch after that block overlaid. The states
 come from the methods' auxiliary outputs (`model.token_reduction.aux`, recorded with
 `state.trace = True`): "patch_state" (B, N0) with methods.KEPT/IDLE/DROPPED/FUSED, and for ToMe
-"patch_group" (B, N0), the output token that holds each original patch.
+"patch_group" (B, N0), the output token that holds each original patch. The Swin methods also record
+"window" (N0,), the attention window of every patch in that block, drawn as a dotted grid.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class TokenTrace:
     label: str
     states: dict[int, np.ndarray] = field(default_factory=dict)  # block -> (B, N0) int8
     groups: dict[int, np.ndarray] = field(default_factory=dict)  # block -> (B, N0) int64 (ToMe)
+    windows: dict[int, np.ndarray] = field(default_factory=dict)  # block -> (N0,) window ids (Swin methods)
 
     @property
     def blocks(self) -> list[int]:
@@ -70,6 +72,8 @@ def trace_tokens(model: torch.nn.Module, images: torch.Tensor, label: str) -> To
         trace.states[int(block)] = value.detach().cpu().numpy()
     for block, value in method.aux.get("patch_group", {}).items():
         trace.groups[int(block)] = value.detach().cpu().numpy()
+    for block, value in method.aux.get("window", {}).items():
+        trace.windows[int(block)] = value.detach().cpu().numpy()
     return trace
 
 
@@ -133,6 +137,9 @@ def selection_figure(image: np.ndarray, grid: tuple[int, int], traces: list[Toke
             if group is not None:
                 borders = group_borders(grid, group, (h / grid[0], w / grid[1]))
                 ax.add_collection(LineCollection(borders, colors="white", linewidths=0.6))
+            if block in trace.windows:  # the block's attention windows (shifted ones wrap around)
+                borders = group_borders(grid, trace.windows[block], (h / grid[0], w / grid[1]))
+                ax.add_collection(LineCollection(borders, colors="black", linewidths=0.4, linestyles=":"))
             if r == 0:
                 ax.set_title(f"after block {block}", fontsize=8)
     axes[0, 0].set_title("input", fontsize=8)
@@ -187,7 +194,8 @@ def write_pictures(summary, out_dir, n_images: int = 3, target_ratio: float = 0.
 
     Returns ({name: png path}, {what: why skipped}); nothing here is fatal to a report."""
     paths, skipped = {}, {}
-    summary = summary[summary["regime"] == "off-the-shelf"]  # the released weights, not a finetune's
+    # the released weights: not a finetune's, and never random ones (pictures of those say nothing)
+    summary = summary[(summary["regime"] == "off-the-shelf") & ~summary["random_weights"].fillna(False).astype(bool)]
     for (model_name, checkpoint, pretrained), rows in summary.groupby(["model", "checkpoint", "pretrained"]):
         checkpoint, name = checkpoint or None, model_name + (f" ({Path(checkpoint).name})" if checkpoint else "")
         try:
