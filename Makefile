@@ -12,8 +12,10 @@ STAMP := $(VENV)/.tokenbench-$(shell cksum requirements.txt | cut -d' ' -f1)
 demo: $(STAMP)
 	$(PY) run_all.py --methods idle,evit --ratios 0.5,0.7
 
+# Tests run on up to 4 processes (pytest-xdist): most are CPU-bound and independent; the SLURM tests share
+# one process (xdist_group), since the localhost cluster has one node.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadgroup
 
 env: $(STAMP)
 

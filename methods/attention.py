@@ -6,7 +6,7 @@ the output norm and gate), so that a method which selects every token reproduces
 
 The row helpers (`batch_rows`, `take_rows`, `replace_rows`) move whole tokens with one flat index per
 block: `index_select` / `index_copy_` on the (B*N, C) view copy rows, where `gather` / `scatter` with an
-index expanded over the channels read one index per element (on CPU about 10x slower for DeiT-S at
+index expanded over the channels read one index per element (on CPU about 16x slower for DeiT-S at
 batch 32, docs/PERFORMANCE.md).
 """
 from __future__ import annotations

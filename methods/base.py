@@ -92,6 +92,16 @@ def swap_class(module: nn.Module, mixin: type, name: str | None = None) -> None:
     module.__class__ = cls
 
 
+def patch_from_first_layer(method, blocks, block_class: type) -> None:
+    """Swap `block_class` into every block from the method's first reduction layer to the last. Merging
+    methods need it in the blocks after a merge as well, reducing or not: their tokens now have sizes
+    (proportional attention)."""
+    for index in range(method.layers[0], method.geometry.depth) if method.layers else ():
+        swap_class(blocks[index], block_class)
+        blocks[index].token_reduction = method
+        blocks[index].token_reduction_index = index
+
+
 @dataclass
 class ForwardState:
     """Scratch shared by the patched blocks of one model during one forward pass."""
@@ -130,7 +140,7 @@ class Method:
     # The model families the method patches (`Geometry.family`): "vit" (methods.geometry), "swin" (methods.swin).
     families: ClassVar[tuple[str, ...]] = ("vit",)
     # Token counts that differ per image (ATS): `schedule()` is an upper bound, the per-image counts of a
-    # traced forward are in `image_schedules()` (docs/methods.md#per-image-counts).
+    # traced forward are in `image_schedules()` (docs/methods.md#ats-counts-and-cost).
     adaptive: ClassVar[bool] = False
 
     def __init__(self, geometry: Geometry, keep_ratio: float, layers: tuple[int, ...], options: dict):

@@ -55,6 +55,22 @@ def _main_layers(depth: int) -> range:
     return range(depth // 3, depth)
 
 
+def preset_canonical_config(cls, depth: int, explicit, opts: dict) -> CanonicalConfig:
+    """The canonical form of a method whose `preset` only picks default layers (IdleViT on ViTs and on
+    Swin): the layers named by the first preset that yields them, the preset dropped when the layers are
+    explicit, and `layers_per_stage` dropped when it equals its default."""
+    default_preset = next(iter(cls.layer_presets))
+    preset = opts.pop("preset", default_preset)
+    chosen = cls.default_layers(depth, preset) if explicit is None else explicit
+    if opts.get("layers_per_stage") is not None:
+        if stage_length(opts["layers_per_stage"], len(chosen)) == stage_length(None, len(chosen)):
+            del opts["layers_per_stage"]
+    for name in cls.layer_presets:
+        if chosen == cls.default_layers(depth, name):
+            return CanonicalConfig(None, opts if name == default_preset else dict(opts, preset=name))
+    return CanonicalConfig(chosen, opts)
+
+
 def stage_length(layers_per_stage: int | None, num_layers: int) -> int:
     """Idle layers per keep-ratio stage: as given, or ceil(num_layers / 3) (three stages)."""
     if layers_per_stage is None:
@@ -107,16 +123,7 @@ class IdleViT(Method):
         preset that yields them (no option for the default `infer`) and drops the preset when the
         layers are explicit; `layers_per_stage` equal to its default ceil(len(layers) / 3) is dropped."""
         explicit, opts = super().canonical_config(depth, layers, options)
-        default_preset = next(iter(cls.layer_presets))
-        preset = opts.pop("preset", default_preset)
-        chosen = cls.default_layers(depth, preset) if explicit is None else explicit
-        if opts.get("layers_per_stage") is not None:
-            if stage_length(opts["layers_per_stage"], len(chosen)) == stage_length(None, len(chosen)):
-                del opts["layers_per_stage"]
-        for name in cls.layer_presets:
-            if chosen == cls.default_layers(depth, name):
-                return CanonicalConfig(None, opts if name == default_preset else dict(opts, preset=name))
-        return CanonicalConfig(chosen, opts)
+        return preset_canonical_config(cls, depth, explicit, opts)
 
     def __init__(self, geometry, keep_ratio, layers, options):
         super().__init__(geometry, keep_ratio, layers, options)

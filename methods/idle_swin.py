@@ -38,7 +38,7 @@ from .base import (
 )
 from .registry import register
 from .dynamicvit import PredictorLG, new_predictor
-from .idle import IDLE_KEY_BIAS, stage_length, token_cut_loss
+from .idle import IDLE_KEY_BIAS, preset_canonical_config, stage_length, token_cut_loss
 from .options import Option
 from .swin import (
     SwinGeometry, SwinMethod, from_windows, split_projection, stage_blocks, to_windows, upsample_to_patches,
@@ -96,16 +96,7 @@ class IdleSwin(SwinMethod):
         """As IdleViT's: layers named by the first preset that yields them; `layers_per_stage` equal to its
         default dropped."""
         explicit, opts = super().canonical_config(depth, layers, options)
-        default_preset = next(iter(cls.layer_presets))
-        preset = opts.pop("preset", default_preset)
-        chosen = cls.default_layers(depth, preset) if explicit is None else explicit
-        if opts.get("layers_per_stage") is not None:
-            if stage_length(opts["layers_per_stage"], len(chosen)) == stage_length(None, len(chosen)):
-                del opts["layers_per_stage"]
-        for name in cls.layer_presets:
-            if chosen == cls.default_layers(depth, name):
-                return CanonicalConfig(None, opts if name == default_preset else dict(opts, preset=name))
-        return CanonicalConfig(chosen, opts)
+        return preset_canonical_config(cls, depth, explicit, opts)
 
     def __init__(self, geometry: SwinGeometry, keep_ratio, layers, options):
         super().__init__(geometry, keep_ratio, layers, options)

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend, attention_logits, output_projection, project_qkv
-from .base import BlockTokens, Method, Schedule, swap_class
+from .base import BlockTokens, Method, Schedule, patch_from_first_layer
 from .registry import register
 from .slots import index_mask, pool_slots, record_slots, size_bias, start_block
 from .errors import MethodError
 from .geometry import standard_block_macs
 from .options import Option
-from .tome import MergeCount, r_for_keep_ratio
+from .tome import MergeCount, r_per_layer, r_schedule
 
 
 def explicit_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -101,26 +101,11 @@ class MCTF(Method):
         for name in ("tau_sim", "tau_info", "tau_size"):
             if self.opts[name] < 0:
                 raise MethodError(f"option {name}={self.opts[name]} is negative; valid: >= 0 (0 switches it off)")
-        r = self.opts["r"]
-        if r is None:
-            r = r_for_keep_ratio(self.geometry.num_patches, len(self.layers), self.keep_ratio)
-        if isinstance(r, int):
-            self.merge_counts = {i: r for i in self.layers}
-        elif len(r) > len(self.layers):
-            raise MethodError(f"option r={','.join(map(str, r))} gives {len(r)} values for "
-                              f"{len(self.layers)} reduction layers; valid: at most one per layer")
-        else:
-            self.merge_counts = dict(zip(self.layers, (*r, *[0] * (len(self.layers) - len(r)))))
+        self.merge_counts = r_per_layer(self)
 
     # --- schedule and cost --------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        prefix, n = self.geometry.num_prefix, self.geometry.num_tokens
-        blocks = []
-        for i in range(self.geometry.depth):
-            r = min(self.merge_counts.get(i, 0), (n - prefix) // 2)
-            blocks.append(BlockTokens(n, n, n, n - r, "merge" if r else ""))
-            n -= r
-        return Schedule(tuple(blocks))
+        return r_schedule(self.geometry, self.merge_counts, "merge", before_mlp=False)
 
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
         """Plus the cosine similarities of A against B on the block's output tokens (width D)."""
@@ -135,13 +120,7 @@ class MCTF(Method):
 
     # --- patching -------------------------------------------------------------------------------
     def patch(self, model) -> None:
-        if not self.layers:
-            return
-        for index in range(self.layers[0], self.geometry.depth):
-            block = model.blocks[index]
-            swap_class(block, MCTFBlock)
-            block.token_reduction = self
-            block.token_reduction_index = index
+        patch_from_first_layer(self, model.blocks, MCTFBlock)
 
     # --- the reduction itself ------------------------------------------------------------------
     def scores(self, x: torch.Tensor, received: torch.Tensor, size: torch.Tensor) -> torch.Tensor:

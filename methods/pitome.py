@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend, output_projection, project_qkv
-from .base import BlockTokens, Method, Schedule, swap_class
+from .base import BlockTokens, Method, Schedule, patch_from_first_layer
 from .registry import register
 from .slots import index_mask, pool_slots, record_slots, size_bias, start_block
 from .errors import MethodError
@@ -123,13 +123,7 @@ class PiToMe(Method):
 
     # --- patching -------------------------------------------------------------------------------
     def patch(self, model) -> None:
-        if not self.layers:
-            return
-        for index in range(self.layers[0], self.geometry.depth):
-            block = model.blocks[index]
-            swap_class(block, PiToMeBlock)
-            block.token_reduction = self
-            block.token_reduction_index = index
+        patch_from_first_layer(self, model.blocks, PiToMeBlock)
 
     # --- the reduction itself ------------------------------------------------------------------
     def assign(self, metric: torch.Tensor, k: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -23,13 +23,13 @@ import math
 import torch
 
 from .attention import attend, cls_attention_probs, output_projection, project_qkv
-from .base import BlockTokens, Method, Schedule, quarter_layers, swap_class
+from .base import BlockTokens, Method, Schedule, patch_from_first_layer, quarter_layers
 from .registry import register
 from .slots import index_mask, pool_slots, record_slots, size_bias, start_block
 from .errors import MethodError
 from .geometry import standard_block_macs
 from .options import Option
-from .tome import MergeCount, ToMe, r_for_keep_ratio
+from .tome import MergeCount, ToMe, r_per_layer, r_schedule
 
 
 class PPTBlock:
@@ -71,26 +71,11 @@ class PPT(Method):
         super().__init__(*args, **kwargs)
         if self.opts["threshold"] < 0:
             raise MethodError(f"option threshold={self.opts['threshold']} is negative; valid: >= 0")
-        r = self.opts["r"]
-        if r is None:
-            r = r_for_keep_ratio(self.geometry.num_patches, len(self.layers), self.keep_ratio)
-        if isinstance(r, int):
-            self.merge_counts = {i: r for i in self.layers}
-        elif len(r) > len(self.layers):
-            raise MethodError(f"option r={','.join(map(str, r))} gives {len(r)} values for "
-                              f"{len(self.layers)} reduction layers; valid: at most one per layer")
-        else:
-            self.merge_counts = dict(zip(self.layers, (*r, *[0] * (len(self.layers) - len(r)))))
+        self.merge_counts = r_per_layer(self)
 
     # --- schedule and cost --------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        prefix, n = self.geometry.num_prefix, self.geometry.num_tokens
-        blocks = []
-        for i in range(self.geometry.depth):
-            r = min(self.merge_counts.get(i, 0), (n - prefix) // 2)
-            blocks.append(BlockTokens(n, n, n - r, n - r, "prune" if r else ""))
-            n -= r
-        return Schedule(tuple(blocks))
+        return r_schedule(self.geometry, self.merge_counts, "prune")
 
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
         """Plus the CLS attention row q0 K^T (N Da, recomputed beside the fused attention) and ToMe's
@@ -107,13 +92,7 @@ class PPT(Method):
 
     # --- patching -------------------------------------------------------------------------------
     def patch(self, model) -> None:
-        if not self.layers:
-            return
-        for index in range(self.layers[0], self.geometry.depth):
-            block = model.blocks[index]
-            swap_class(block, PPTBlock)
-            block.token_reduction = self
-            block.token_reduction_index = index
+        patch_from_first_layer(self, model.blocks, PPTBlock)
 
     # --- the reduction itself ------------------------------------------------------------------
     def importance(self, cls_row: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import math
 import torch
 
 from .attention import attend, batch_rows, head_sum, output_projection, project_qkv, take_rows
-from .base import FUSED, KEPT, BlockTokens, Method, Schedule, swap_class
+from .base import FUSED, KEPT, BlockTokens, Method, Schedule, patch_from_first_layer
 from .registry import register
 from .errors import MethodError
 from .geometry import standard_block_macs
@@ -87,6 +87,32 @@ def r_for_keep_ratio(num_patches: int, num_layers: int, keep_ratio: float) -> in
                key=lambda r: (abs(final_image_tokens(num_patches, [r] * num_layers) - target), r))
 
 
+def r_per_layer(method) -> dict[int, int]:
+    """Tokens removed per reduction layer (before clamping) from the option `r` of a ToMe-style method: one
+    r for every layer, one per layer (missing ones 0), or, unset, the constant r for the keep ratio."""
+    r, layers = method.opts["r"], method.layers
+    if r is None:
+        r = r_for_keep_ratio(method.geometry.num_patches, len(layers), method.keep_ratio)
+    if isinstance(r, int):
+        return {i: r for i in layers}
+    if len(r) > len(layers):
+        raise MethodError(f"option r={','.join(map(str, r))} gives {len(r)} values for "
+                          f"{len(layers)} reduction layers; valid: at most one per layer")
+    return dict(zip(layers, (*r, *[0] * (len(layers) - len(r)))))
+
+
+def r_schedule(geometry, removed: dict[int, int], action: str, before_mlp: bool = True) -> Schedule:
+    """The token schedule of removing `removed[i]` tokens in block i, at most half the image tokens a
+    block holds (bipartite matching pairs A with B); before the MLP (ToMe) or after it (MCTF)."""
+    prefix, n = geometry.num_prefix, geometry.num_tokens
+    blocks = []
+    for i in range(geometry.depth):
+        r = min(removed.get(i, 0), (n - prefix) // 2)
+        blocks.append(BlockTokens(n, n, n - r if before_mlp else n, n - r, action if r else ""))
+        n -= r
+    return Schedule(tuple(blocks))
+
+
 class MergingBlock:
     """Mixin swapped into a stock timm `Block`: proportional attention, residual, merge, MLP."""
 
@@ -127,29 +153,11 @@ class ToMe(Method):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.merge_counts = self._merge_counts()
-
-    def _merge_counts(self) -> dict[int, int]:
-        """r (before clamping) per reduction layer."""
-        r = self.opts["r"]
-        if r is None:
-            r = r_for_keep_ratio(self.geometry.num_patches, len(self.layers), self.keep_ratio)
-        if isinstance(r, int):
-            return {i: r for i in self.layers}
-        if len(r) > len(self.layers):
-            raise MethodError(f"option r={','.join(map(str, r))} gives {len(r)} values for "
-                              f"{len(self.layers)} reduction layers; valid: at most one per layer")
-        return dict(zip(self.layers, (*r, *[0] * (len(self.layers) - len(r)))))
+        self.merge_counts = r_per_layer(self)
 
     # --- schedule and cost --------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        prefix, n = self.geometry.num_prefix, self.geometry.num_tokens
-        blocks = []
-        for i in range(self.geometry.depth):
-            r = min(self.merge_counts.get(i, 0), (n - prefix) // 2)
-            blocks.append(BlockTokens(n, n, n - r, n - r, "merge" if r else ""))
-            n -= r
-        return Schedule(tuple(blocks))
+        return r_schedule(self.geometry, self.merge_counts, "merge")
 
     def matching_macs(self, tokens: BlockTokens) -> int:
         """Cosine similarities of A against B on the head-mean keys (width head_dim)."""
@@ -177,13 +185,7 @@ class ToMe(Method):
     # --- patching -------------------------------------------------------------------------------
     def patch(self, model) -> None:
         # Every block after the first merge needs proportional attention, reducing or not.
-        if not self.layers:
-            return
-        for index in range(self.layers[0], self.geometry.depth):
-            block = model.blocks[index]
-            swap_class(block, MergingBlock)
-            block.token_reduction = self
-            block.token_reduction_index = index
+        patch_from_first_layer(self, model.blocks, MergingBlock)
 
     # --- the reduction itself ------------------------------------------------------------------
     def match(self, metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from .errors import MethodError
 from .geometry import standard_block_macs
 from .mctf import explicit_attention
 from .options import Option
-from .tome import MergeCount, r_for_keep_ratio
+from .tome import MergeCount, r_per_layer, r_schedule
 
 
 class ZeroTPruneBlock:
@@ -70,26 +70,11 @@ class ZeroTPrune(Method):
         super().__init__(*args, **kwargs)
         if self.opts["iterations"] < 1:
             raise MethodError(f"option iterations={self.opts['iterations']} is not valid; valid: >= 1")
-        r = self.opts["r"]
-        if r is None:
-            r = r_for_keep_ratio(self.geometry.num_patches, len(self.layers), self.keep_ratio)
-        if isinstance(r, int):
-            self.prune_counts = {i: r for i in self.layers}
-        elif len(r) > len(self.layers):
-            raise MethodError(f"option r={','.join(map(str, r))} gives {len(r)} values for "
-                              f"{len(self.layers)} reduction layers; valid: at most one per layer")
-        else:
-            self.prune_counts = dict(zip(self.layers, (*r, *[0] * (len(self.layers) - len(r)))))
+        self.prune_counts = r_per_layer(self)
 
     # --- schedule and cost --------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        prefix, n = self.geometry.num_prefix, self.geometry.num_tokens
-        blocks = []
-        for i in range(self.geometry.depth):
-            r = min(self.prune_counts.get(i, 0), (n - prefix) // 2)
-            blocks.append(BlockTokens(n, n, n - r, n - r, "prune" if r else ""))
-            n -= r
-        return Schedule(tuple(blocks))
+        return r_schedule(self.geometry, self.prune_counts, "prune")
 
     def block_macs(self, index: int, tokens: BlockTokens) -> int:
         """Plus the PageRank iterations (iterations x H N^2 for the mat-vecs s^T P_h) and the similarities of

@@ -98,3 +98,11 @@ def patched_copy(model, name, keep_ratio=1.0, fused_attn=True, **options):
     for block in model.blocks:
         block.attn.fused_attn = fused_attn
     return methods.apply(model, name, keep_ratio, **options)
+
+
+def max_batch_delta(patched, images) -> float:
+    """max |logits of the whole batch - logits of each image run alone|: in fp64 only rounding may differ."""
+    with torch.no_grad():
+        whole = patched(images)
+        alone = torch.cat([patched(images[i:i + 1]) for i in range(len(images))])
+    return (whole - alone).abs().max().item()

@@ -129,3 +129,17 @@ def test_table_shows_calibration_only_when_present():
     assert "ECE % [95% CI]" not in without.columns
     section = calibration.markdown(pd.DataFrame([dict(row, regime="off-the-shelf")]))
     assert section[0] == "## Calibration" and "| m " in section[-2] and "3.12" in section[-2]
+
+
+def test_reliability_figure_draws_an_interval_that_misses_its_point(tmp_path):
+    """On few images the bootstrap ECE distribution sits above the ECE itself (ECE is biased upwards), so the
+    percentile interval can lie wholly above the point: the figure draws it from its bounds (found by a
+    200-image finetune run, where matplotlib's errorbar refused negative error lengths)."""
+    spec = JobSpec(kind="acc", model=models.EMBEDDED_MODEL, method="evit", keep_ratio=0.5, limit=8, batch_size=4)
+    accuracy.run(spec, JobContext(tmp_path, {}))
+    base = dict(model="m", regime="off-the-shelf", variant="evit", method="evit", top1=80.0,
+                preds_path=str(preds_path(tmp_path, spec.key)))
+    rows = [dict(base, keep_ratio=0.5, ece=0.02, ece_ci_low=0.03, ece_ci_high=0.05),
+            dict(base, keep_ratio=0.7, ece=0.01, ece_ci_low=0.005, ece_ci_high=0.02)]
+    paths = calibration.write_figures(pd.DataFrame(rows), tmp_path / "figures")
+    assert [path.exists() for path in paths.values()] == [True]

@@ -18,6 +18,7 @@ import torch
 
 import run_all
 from tests.test_bad_input import save_embedded_checkpoint, tree
+from tests.test_slurm import PROBLEM as SLURM_PROBLEM
 
 FLOPS = ["--metrics", "flops", "--methods", "evit"]
 ACC = ["--metrics", "acc", "--methods", "evit", "--checkpoint", "{F}/w.pth", "--limit", "8"]
@@ -52,6 +53,8 @@ def hostile_files(tmp_path_factory) -> Path:
 
 C = pytest.param
 NO_SBATCH = shutil.which("sbatch") is None
+NEEDS_SLURM = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"),  # as tests/test_slurm.py
+               pytest.mark.skipif(SLURM_PROBLEM is not None, reason=str(SLURM_PROBLEM))]
 CASES = [
     # grid: methods, models, metrics
     C(FLOPS[:2] + ["--methods", "evitt"], ["'evitt'", "valid:"], id="method-unknown"),
@@ -170,8 +173,7 @@ CASES = [
     C(FLOPS + ["--no-wait"], ["--no-wait", "--launcher slurm"], id="no-wait-inline"),
     C(FLOPS + ["--launcher", "local", "--no-wait"], ["--no-wait", "local"], id="no-wait-local"),
     C(FLOPS + ["--launcher", "slurm", "--partition", "no-such-partition"], ["'no-such-partition'", "valid:"],
-      id="partition-not-on-the-cluster", marks=[pytest.mark.slurm, pytest.mark.skipif(
-          NO_SBATCH, reason="sbatch is not on PATH (start a local cluster with scripts/slurm_up.sh)")]),
+      id="partition-not-on-the-cluster", marks=NEEDS_SLURM),
     C(FLOPS + ["--launcher", "slurm", "--partition", "no-such-partition"], ["--launcher slurm", "not on PATH",
                                                                            "valid here: --launcher local"],
       id="slurm-not-installed", marks=pytest.mark.skipif(not NO_SBATCH, reason="SLURM is installed here")),

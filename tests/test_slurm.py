@@ -42,7 +42,10 @@ def _accounting() -> bool:
 
 
 PROBLEM = _cluster_problem()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]
+# One xdist worker runs them all, one after another: the localhost cluster has one node, and the timing
+# test needs it to itself.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"),
+              pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]
 
 
 @pytest.fixture(autouse=True)

@@ -132,7 +132,7 @@ def reliability_figure(summary, model: str, regime: str):
     black, the diagonal perfect calibration), and a last panel with ECE against keep ratio."""
     import matplotlib.pyplot as plt
 
-    from .figure import BASELINE, method_style
+    from .figure import BASELINE, interval_bars, method_style
 
     rows = summary[(summary["model"] == model) & (summary["regime"] == regime) & summary["ece"].notna()]
     base = summary[(summary["model"] == model) & (summary["method"] == BASELINE) & summary["ece"].notna()]
@@ -153,8 +153,8 @@ def reliability_figure(summary, model: str, regime: str):
     for variant, group in rows[rows["method"] != BASELINE].groupby("variant", sort=False):
         group = group.sort_values("keep_ratio")
         style = method_style(group["method"].iloc[0])
-        ax.errorbar(group["keep_ratio"], group["ece"], yerr=[group["ece"] - group["ece_ci_low"],
-                    group["ece_ci_high"] - group["ece"]], lw=1, ms=4, capsize=2, label=variant, **style)
+        ax.plot(group["keep_ratio"], group["ece"], lw=1, ms=4, label=variant, **style)
+        interval_bars(ax, group["keep_ratio"], group["ece_ci_low"], group["ece_ci_high"], style["color"], alpha=0.8)
     if len(base):
         ax.axhline(base["ece"].iloc[0], color="black", lw=0.8, ls="--", label="baseline (none)")
     ax.set(title="ECE (15 bins) vs keep ratio", xlabel="keep ratio", ylabel="ECE")

@@ -24,6 +24,12 @@ def method_style(method: str) -> dict:
     return dict(color=palette[index % 10], marker=MARKERS[index % len(MARKERS)])
 
 
+def interval_bars(ax, x, low, high, color, alpha: float = 0.4) -> None:
+    """Vertical bars from `low` to `high` at `x`. Drawn from the bounds, not as ± errors around the point:
+    a bootstrap percentile interval of a biased statistic (ECE) need not contain the point estimate."""
+    ax.vlines(x, low, high, colors=[color], alpha=alpha, lw=1)
+
+
 def save_figure(fig, path: Path) -> Path:
     """Write `path`.png (150 dpi) and `path`.pdf, close the figure, return the PNG path."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 import methods
 
-from .figure import BASELINE, method_style, save_figure
+from .figure import BASELINE, interval_bars, method_style, save_figure
 from .frame import variant_label
 
 _DASHES = ("", (4, 2), (1, 1), (6, 2, 1, 2), (3, 3))
@@ -78,8 +78,7 @@ def tradeoff(summary: pd.DataFrame, x: str, xlabel: str, model: str):
         ax.annotate(f"{r.keep_ratio:g}", (getattr(r, x), r.top1), xytext=(4, 3), textcoords="offset points",
                     fontsize=7, color=palette[r.variant])
         if pd.notna(getattr(r, "top1_ci_low", np.nan)):
-            ax.errorbar(getattr(r, x), r.top1, yerr=[[r.top1 - r.top1_ci_low], [r.top1_ci_high - r.top1]],
-                        fmt="none", ecolor=palette[r.variant], alpha=0.4, capsize=2, lw=1)
+            interval_bars(ax, getattr(r, x), r.top1_ci_low, r.top1_ci_high, palette[r.variant])
     base = rows[rows["method"] == BASELINE]
     if len(base):
         ax.scatter(base[x], base["top1"], **BASELINE_STYLE)
