@@ -26,31 +26,13 @@ import timm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from bench.data import DataError, full_fashion_mnist_dir, load_fashion_mnist, shipped_source  # noqa: E402
+from bench.training.data import normalise, shift_and_flip  # noqa: E402  (the finetune job's, too)
 from bench.models import EMBEDDED_CHECKPOINT, EMBEDDED_MODEL, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 
 RECIPE = dict(
     seed=0, epochs=25, batch_size=128, lr=1.5e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05,
     label_smoothing=0.1, pad=2, hflip=0.5, threads=2,
 )
-
-
-def augment(images: torch.Tensor, gen: torch.Generator, pad: int, hflip: float) -> torch.Tensor:
-    """Random shift by up to `pad` pixels (zero background) and horizontal flip, batched."""
-    b, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, :, None]
-    cols = (ox[:, None] + torch.arange(w))[:, None, :]
-    out = padded[torch.arange(b)[:, None, None], 0, rows, cols].unsqueeze(1)
-    flip = torch.rand(b, generator=gen) < hflip
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
-def normalise(images_u8: torch.Tensor) -> torch.Tensor:
-    x = images_u8.float().div_(255.0).unsqueeze(1)
-    return (x - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
 
 
 @torch.inference_mode()
@@ -94,7 +76,8 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(recipe["seed"])
 
-    train_x, test_x = normalise(train_x), normalise(test_x)
+    mean, std = FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]
+    train_x, test_x = normalise(train_x, mean, std), normalise(test_x, mean, std)
 
     model = timm.create_model(EMBEDDED_MODEL, pretrained=False)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
@@ -124,7 +107,7 @@ def main(argv=None) -> int:
         order = torch.randperm(len(train_x), generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * recipe["batch_size"]:(i + 1) * recipe["batch_size"]]
-            x = augment(train_x[idx], gen, recipe["pad"], recipe["hflip"])
+            x = shift_and_flip(train_x[idx], gen, recipe["pad"], recipe["hflip"])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, recipe)
             loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=recipe["label_smoothing"])

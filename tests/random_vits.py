@@ -106,3 +106,24 @@ def max_batch_delta(patched, images) -> float:
         whole = patched(images)
         alone = torch.cat([patched(images[i:i + 1]) for i in range(len(images))])
     return (whole - alone).abs().max().item()
+
+
+def assert_groups_match_reference(method, trace, num_prefix: int, with_dropped: bool = False) -> None:
+    """The aux outputs of a merging method (`kept`, `patch_group`, `patch_state`) against a reference trace:
+    trace[b][layer] lists, per output token, the patches it holds (ToMe, MCTF, PiToMe), or is (that list,
+    the dropped patches) for methods that also prune (ToFu, PPT), whose dropped patches have group -1 - p.
+    KEPT: the one patch of each image token that has never been merged away as a source or dropped."""
+    aux, schedule = method.aux, method.schedule()
+    batch, num_patches = len(trace), method.geometry.num_patches
+    for layer, group in aux["patch_group"].items():
+        assert aux["kept"][layer].shape == (batch, schedule.blocks[layer].n_out)
+        for b in range(batch):
+            groups, dropped = trace[b][layer] if with_dropped else (trace[b][layer], ())
+            holders = {p: t for t, patches in enumerate(groups) for p in patches}
+            assert group[b].tolist() == [holders.get(p, -1 - p) for p in range(num_patches)]
+            state = aux["patch_state"][layer][b].tolist()
+            assert set(state) <= {methods.KEPT, methods.FUSED, methods.DROPPED}
+            assert [p for p in range(num_patches) if state[p] == methods.DROPPED] == sorted(dropped)
+            merged = {p for patches in groups if len(patches) > 1 for p in patches}
+            assert {p for p in range(num_patches) if state[p] == methods.FUSED} <= merged
+            assert state.count(methods.KEPT) == schedule.blocks[layer].n_out - num_prefix

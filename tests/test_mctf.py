@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import methods
-from methods import FUSED, KEPT, MethodError
+from methods import MethodError
 from random_vits import (  # noqa: F401 (models is a fixture)
-    DTYPES, REFERENCE_TOL, in_dtype, max_batch_delta, models, patched_copy, random_images, timm_geometry, timm_model,
+    DTYPES, assert_groups_match_reference, REFERENCE_TOL, in_dtype, max_batch_delta, models, patched_copy,
+    random_images, timm_geometry, timm_model,
 )
 
 DEFAULTS = dict(tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirection=True, pooling="attention", prop_attn=True)
@@ -161,14 +162,7 @@ def test_aux_outputs_match_reference_groups(models, model_name):
         _, trace = _reference(stock, images, _every_block_but_the_first(4))
     aux, schedule = patched.token_reduction.aux, patched.token_reduction.schedule()
     assert sorted(aux["patch_group"]) == [i for i, b in enumerate(schedule.blocks) if b.action == "merge"]
-    for layer, group in aux["patch_group"].items():
-        assert aux["kept"][layer].shape == (3, schedule.blocks[layer].n_out)
-        for b in range(3):
-            holders = {p: t for t, patches in enumerate(trace[b][layer]) for p in patches}
-            assert group[b].tolist() == [holders[p] for p in range(36)]
-            state = aux["patch_state"][layer][b]
-            assert set(state.tolist()) <= {KEPT, FUSED}
-            assert int((state == KEPT).sum()) == schedule.blocks[layer].n_out - stock.num_prefix_tokens
+    assert_groups_match_reference(patched.token_reduction, trace, stock.num_prefix_tokens)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import methods
-from methods import FUSED, KEPT, MethodError
+from methods import MethodError
 from methods.pitome import final_image_tokens, ratio_for_keep_ratio
 from random_vits import (  # noqa: F401 (models is a fixture)
-    DTYPES, REFERENCE_TOL, in_dtype, max_batch_delta, models, patched_copy, random_images, timm_geometry, timm_model,
+    DTYPES, assert_groups_match_reference, REFERENCE_TOL, in_dtype, max_batch_delta, models, patched_copy,
+    random_images, timm_geometry, timm_model,
 )
 
 
@@ -136,14 +137,7 @@ def test_aux_outputs_match_reference_groups(models, model_name):
     aux, schedule = patched.token_reduction.aux, patched.token_reduction.schedule()
     merging = [i for i, b in enumerate(schedule.blocks) if b.action == "merge"]
     assert sorted(aux["patch_group"]) == sorted(aux["patch_state"]) == sorted(aux["kept"]) == merging
-    for layer, group in aux["patch_group"].items():
-        assert aux["kept"][layer].shape == (3, schedule.blocks[layer].n_out)
-        for b in range(3):
-            holders = {p: t for t, patches in enumerate(trace[b][layer]) for p in patches}
-            assert group[b].tolist() == [holders[p] for p in range(36)]
-            state = aux["patch_state"][layer][b]
-            assert set(state.tolist()) <= {KEPT, FUSED}
-            assert int((state == KEPT).sum()) == schedule.blocks[layer].n_out - stock.num_prefix_tokens
+    assert_groups_match_reference(patched.token_reduction, trace, stock.num_prefix_tokens)
 
 
 # ---------------------------------------------------------------------------------------------

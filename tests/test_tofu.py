@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import methods
-from methods import DROPPED, FUSED, KEPT, MethodError
+from methods import MethodError
 from random_vits import (  # noqa: F401 (models is a fixture)
-    DTYPES, REFERENCE_TOL, in_dtype, max_batch_delta, models, patched_copy, random_images, timm_geometry,
+    DTYPES, assert_groups_match_reference, REFERENCE_TOL, in_dtype, max_batch_delta, models, patched_copy,
+    random_images, timm_geometry,
 )
 
 
@@ -135,19 +136,9 @@ def test_aux_outputs_match_reference(models, model_name):
     with torch.no_grad():
         patched(images)
         _, trace = _reference(stock, images, 3, merge_from=5)
-    aux, schedule = patched.token_reduction.aux, patched.token_reduction.schedule()
+    aux = patched.token_reduction.aux
     assert sorted(aux["patch_group"]) == sorted(trace[0]) == list(range(12))
-    for layer, group in aux["patch_group"].items():
-        assert aux["kept"][layer].shape == (3, schedule.blocks[layer].n_out)
-        for b in range(3):
-            groups, dropped = trace[b][layer]
-            holders = {p: t for t, patches in enumerate(groups) for p in patches}
-            assert group[b].tolist() == [holders[p] if p in holders else -1 - p for p in range(36)]
-            state = aux["patch_state"][layer][b].tolist()
-            assert [p for p in range(36) if state[p] == DROPPED] == sorted(dropped)
-            merged = {p for patches in groups if len(patches) > 1 for p in patches}
-            assert {p for p in range(36) if state[p] == FUSED} <= merged
-            assert state.count(KEPT) == schedule.blocks[layer].n_out - stock.num_prefix_tokens
+    assert_groups_match_reference(patched.token_reduction, trace, stock.num_prefix_tokens, with_dropped=True)
 
 
 # ---------------------------------------------------------------------------------------------
