@@ -1,5 +1,7 @@
 """DynamicViT against references written here from docs/methods.md#dynamicvit and the docs/methods.md#reference-counts table."""
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,6 +17,7 @@ from random_vits import timm_geometry
 
 # The equivalence bounds the README states: max |delta logits| against the reference, per dtype.
 TOLERANCE = {torch.float32: 5e-7, torch.float64: 5e-15}
+ROOT = Path(__file__).resolve().parents[1]
 DEIT_S = timm_geometry("deit_small_patch16_224")
 DEIT_B = timm_geometry("deit_base_patch16_224")
 
@@ -243,6 +246,26 @@ def test_training_with_every_patch_dropped_leaves_cls_alone(stock_model):
     # The dropped keys keep the eps / N floor of the policy softmax (measured 8.0e-7 in fp32, 5.7e-7 in fp64).
     assert (got - expected).abs().max() <= POLICY_EPS_TOL
     assert all(d.sum() == 0 for d in model.token_reduction.aux["decision"].values())
+
+
+def test_diagnosis_of_untrained_predictors(stock_model):
+    """scripts/dynamicvit_diagnose.py: untrained predictors say p(keep) ~ 0.5, so the training path keeps
+    r, r^2, r^3 of the patches; the random-ranking pass leaves the predictors as they were."""
+    spec = importlib.util.spec_from_file_location("diagnose", ROOT / "scripts" / "dynamicvit_diagnose.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = methods.apply(copy.deepcopy(stock_model), "dynamicvit", 0.5)
+    torch.manual_seed(2)
+    images, labels = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
+    probe = torch.randn(2, 16, model.embed_dim)
+    before = model.score_predictor[0](probe, torch.ones(2, 16, 1))
+    found = script.diagnose(model, images, labels, seed=0)
+    assert found["targets"] == [0.5, 0.25, 0.125]
+    assert found["train_kept"] == pytest.approx(found["targets"], abs=0.06)
+    assert all(0.45 < q < 0.55 for stage in found["keep_prob_quantiles"] for q in stage)
+    assert found["eval_top1"] == 100.0 * (model(images).argmax(-1) == labels).float().mean().item()
+    assert not model.training
+    torch.testing.assert_close(model.score_predictor[0](probe, torch.ones(2, 16, 1)), before, rtol=0, atol=0)
 
 
 def test_gap_model_is_refused():

@@ -16,7 +16,7 @@ from bench import models, records
 from bench.training import loop, objective
 from bench.training.data import TrainSet
 from bench.training.distributed import Processes
-from bench.training.recipe import EMBEDDED_TRAIN, RecipeError, canonical, resolve
+from bench.training.recipe import EMBEDDED_TRAIN, RecipeError, canonical, regime_label, resolve
 from methods.idle import token_cut_loss
 
 EMBEDDED = models.EMBEDDED_MODEL
@@ -168,6 +168,18 @@ def test_recipes_are_the_papers_over_the_common_one_and_canonical():
             resolve("idle", dict(epochs=1, **bad))
 
 
+def test_the_regime_names_every_setting_off_the_methods_defaults():
+    assert regime_label("dynamicvit", ()) == "off-the-shelf"
+    assert regime_label("dynamicvit", canonical("dynamicvit", {"epochs": 2})) == "finetuned 2 ep"
+    changed = canonical("dynamicvit", {"epochs": 2, "ratio_weight": 50, "lr": "1e-2", "freeze": ""})
+    assert regime_label("dynamicvit", changed) == "finetuned 2 ep, freeze=none, lr=0.01, ratio_weight=50"
+    # As a record stores it (JSON: lists, whole numbers as ints), the same recipe gets the same label.
+    stored = [[name, list(value) if isinstance(value, tuple) else value]
+              for name, value in canonical("idle", {"epochs": 6})]
+    assert regime_label("idle", stored) == "finetuned 6 ep"
+    assert regime_label("no-longer-registered", stored) == "finetuned 6 ep"
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--finetune-opt", "lr=1e-4"], "--finetune-epochs"),
     (["--finetune-epochs", "0"], "'0'"),
@@ -199,7 +211,8 @@ def test_finetune_then_accuracy_inline_in_dependency_order(tmp_path, capsys):
     assert (out / tuned.metrics["checkpoint"]).is_file() and tuned.metrics["curve"][-1]["top1"] is not None
     assert by_kind[("acc", "none")].metrics["regime"] == "off-the-shelf"  # the baseline is never finetuned
     assert ("flops", "evit") in by_kind and not by_kind[("flops", "evit")].spec.finetune  # FLOPs never wait
-    assert "evit [finetuned 0.1 ep]" in capsys.readouterr().out
+    # the label names the settings off EViT's defaults, so this run is never mistaken for the default recipe
+    assert "evit [finetuned 0.1 ep, batch_size=16, train_limit=160]" in capsys.readouterr().out
 
 
 def test_finetune_jobs_are_requeued_with_the_same_call():

@@ -204,3 +204,19 @@ def test_write_pictures_reports_unavailable_weights(tmp_path):
     summary = summary_frame().assign(checkpoint=str(tmp_path / "missing.safetensors"))
     paths, skipped = viz.write_pictures(summary, tmp_path)
     assert paths == {} and "model or data unavailable" in skipped[f"{MODEL} (missing.safetensors)"]
+
+
+def test_figure_names_keep_their_dots_and_lose_what_a_link_cannot_hold(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from bench.report.figure import file_stem, save_figure
+
+    # two images of one dotted timm model name must not collapse into one file
+    written = [save_figure(plt.figure(), tmp_path / f"tokens_vit_base_patch16_224.augreg_in21k_img{i}") for i in (0, 1)]
+    assert [p.name for p in written] == ["tokens_vit_base_patch16_224.augreg_in21k_img0.png",
+                                         "tokens_vit_base_patch16_224.augreg_in21k_img1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [p.name for p in written] + [p.with_suffix(".pdf").name for p in written])
+    assert file_stem("reliability_m_finetuned 2 ep, lr=0.01, freeze=none") == \
+        "reliability_m_finetuned_2_ep_lr_0.01_freeze_none"
+    assert file_stem("reliability_timm/vit_off-the-shelf") == "reliability_timm_vit_off-the-shelf"

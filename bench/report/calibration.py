@@ -167,13 +167,13 @@ def reliability_figure(summary, model: str, regime: str):
 
 def write_figures(summary, out_dir) -> dict[str, Path]:
     """A reliability figure per model and regime that has calibration; {name: png path}."""
-    from .figure import save_figure
+    from .figure import file_stem, save_figure
 
     paths = {}
     if "ece" not in summary or not summary["ece"].notna().any():
         return paths
     for (model, regime), _ in summary[summary["ece"].notna()].groupby(["model", "regime"]):
-        name = f"reliability_{model}_{regime}".replace("/", "_").replace(" ", "_")
+        name = file_stem(f"reliability_{model}_{regime}")
         paths[f"reliability ({model}, {regime})"] = save_figure(reliability_figure(summary, model, regime),
                                                                 Path(out_dir) / name)
     return paths

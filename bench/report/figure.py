@@ -1,6 +1,7 @@
 """What every figure of a report shares: the backend, one colour and marker per method, saving."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -30,10 +31,19 @@ def interval_bars(ax, x, low, high, color, alpha: float = 0.4) -> None:
     ax.vlines(x, low, high, colors=[color], alpha=alpha, lw=1)
 
 
+def file_stem(text: str) -> str:
+    """`text` as a file name stem: runs of anything but letters, digits, '.', '_' and '-' become one '_'
+    (a regime names its settings, 'finetuned 2 ep, lr=0.01', and must not become a path or a link)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
 def save_figure(fig, path: Path) -> Path:
-    """Write `path`.png (150 dpi) and `path`.pdf, close the figure, return the PNG path."""
+    """Write `path`.png (150 dpi) and `path`.pdf, close the figure, return the PNG path. The suffixes are
+    appended, not swapped in: a stem may hold a dot (timm's 'vit_base_patch16_224.augreg_in21k', 'lr=0.01')."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    png, pdf = path.with_name(path.name + ".png"), path.with_name(path.name + ".pdf")
+    fig.savefig(png, dpi=150, bbox_inches="tight")
+    fig.savefig(pdf, bbox_inches="tight")
     plt.close(fig)
-    return path.with_suffix(".png")
+    return png

@@ -20,6 +20,7 @@ import methods
 from .. import jobs
 from ..records import preds_path, scan
 from ..spec import OFF_THE_SHELF
+from ..training.recipe import regime_label
 from . import calibration, stats
 
 BASELINE = "none"
@@ -53,6 +54,7 @@ def _record_row(rec, run_dir: Path) -> dict:
     row.update({f"opt.{name}": value for name, value in options.items()})
     for name, value in rec.metrics.items():
         row[f"{name}_used" if name in _SPEC_COLLISIONS else name] = value
+    row["regime"] = regime_label(spec.method, spec.finetune)  # names any setting off the method's defaults
     if rec.metrics.get("preds_file"):
         row["preds_path"] = str(preds_path(run_dir, rec.key).with_name(rec.metrics["preds_file"]))
     return row

@@ -14,7 +14,7 @@ from typing import Any
 
 import methods
 
-from ..spec import pairs
+from ..spec import OFF_THE_SHELF, pairs
 
 EMBEDDED_TRAIN = "fashion-mnist-train"  # the shipped 20k-image training subset of the embedded default
 
@@ -67,6 +67,38 @@ def canonical(method: str, settings: dict) -> tuple[tuple[str, Any], ...]:
     """What a spec holds: the whole resolved recipe, so two spellings of one recipe share a key and a
     change of a default changes the key (a record is never reused for a recipe it was not trained with)."""
     return pairs(resolve(method, settings))
+
+
+def regime_label(method: str, finetune) -> str:
+    """How reports name a model's training: 'off-the-shelf', 'finetuned N ep', and after it every
+    setting that differs from the method's defaults (e.g. 'finetuned 2 ep, lr=0.01'), so two recipes of
+    one method never share a row label, and a recipe run with changed settings says so."""
+    settings = dict(finetune or ())
+    if not settings:
+        return OFF_THE_SHELF
+    label = f"finetuned {float(settings.get('epochs', 0)):g} ep"
+    try:
+        reference = defaults(method)
+    except methods.MethodError:  # a record of a method this checkout no longer has: no defaults to compare
+        return label
+    changed = [f"{name}={_show(value)}" for name, value in sorted(settings.items())
+               if name != "epochs" and name in reference and _same_form(value) != _same_form(reference[name])]
+    return ", ".join([label, *changed])
+
+
+def _same_form(value: Any) -> Any:
+    """A setting as stored in a record (JSON lists, ints for whole floats) comparable with its default."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
