@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from .attention import attend, attention_logits, output_projection, project_qkv
 from .base import BlockTokens, Method, Schedule, patch_from_first_layer
 from .registry import register
-from .slots import index_mask, pool_slots, record_slots, size_bias, start_block
+from .slots import (
+    index_mask, merge_count, pool_slots, record_slots, size_bias, start_block, stock_block_suffices,
+)
 from .errors import MethodError
 from .geometry import standard_block_macs
 from .options import Option
@@ -60,8 +62,8 @@ class MCTFBlock:
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         method, index, size = start_block(self, attn_mask, is_causal, "token fusion")
-        r = min(method.merge_counts.get(index, 0), (x.shape[1] - method.geometry.num_prefix) // 2)
-        if r == 0 and (size is None or not method.opts["prop_attn"]):
+        r = merge_count(method, index, x)
+        if stock_block_suffices(method, r, size):
             return super().forward(x)
 
         x_in = self.norm1(x)

@@ -78,6 +78,17 @@ def start_block(block, attn_mask, is_causal: bool, what: str):
     return method, index, method.state.carry.get("size")
 
 
+def merge_count(method, index: int, x: torch.Tensor) -> int:
+    """Tokens block `index` removes: its scheduled count, at most half the image tokens it holds (bipartite
+    matching pairs A with B; `r_schedule` caps the counts the same way)."""
+    return min(method.merge_counts.get(index, 0), (x.shape[1] - method.geometry.num_prefix) // 2)
+
+
+def stock_block_suffices(method, r: int, size: torch.Tensor | None) -> bool:
+    """Nothing to remove and no proportional attention: the stock block computes exactly this block."""
+    return r == 0 and (size is None or not method.opts["prop_attn"])
+
+
 def size_bias(method, size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Proportional attention (docs/methods.md#tome-algorithm): log(token size) added to every key column,
     (B, 1, 1, N), when the method's `prop_attn` is on and tokens have been merged."""

@@ -36,6 +36,7 @@ from .registry import register
 from .errors import MethodError
 from .geometry import standard_block_macs
 from .options import Option
+from .slots import merge_count, size_bias, start_block
 
 
 class MergeCount(Option):
@@ -117,22 +118,12 @@ class MergingBlock:
     """Mixin swapped into a stock timm `Block`: proportional attention, residual, merge, MLP."""
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise MethodError("token merging changes the sequence length; attention masks are not supported")
-        method, index = self.token_reduction, self.token_reduction_index
-        carry = method.state.carry
-        if index == method.layers[0]:
-            carry.clear()  # a fresh pass, even when called without the model-level reset
-        size = carry.get("size")
-
+        method, index, size = start_block(self, attn_mask, is_causal, "token merging")
         x_in = self.norm1(x)
         q, k, v = project_qkv(self.attn, x_in)
-        bias = None
-        if size is not None and method.opts["prop_attn"]:
-            bias = size.log().to(q.dtype)[:, None, None, :]  # (B, 1, 1, N): added to every key column
-        out = output_projection(self.attn, attend(self.attn, q, k, v, bias), x_in)
+        out = output_projection(self.attn, attend(self.attn, q, k, v, size_bias(method, size, q.dtype)), x_in)
         x = x + self.drop_path1(self.ls1(out))
-        r = min(method.merge_counts.get(index, 0), (x.shape[1] - method.geometry.num_prefix) // 2)
+        r = merge_count(method, index, x)
         if r > 0:  # the head sum, not the mean: the metric is L2-normalised, and the sum is cheaper on CPU
             x = method.merge(x, head_sum(k), r, index, self.training)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
