@@ -143,8 +143,11 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path, argv, module, prog
     (hooks / "sitecustomize.py").write_text(STALL)
     env = dict(os.environ, PYTHONPATH=str(hooks), STALL_ON=module, STALL_MARKER=str(marker))
     args = [*argv, "--out", str(out)] if argv[0] == "run_all.py" and "--collect" not in argv else argv
+    # A child inherits an ignored SIGINT (a job started in the background by a non-interactive shell, as CI
+    # may be), and Python then installs no handler: restore the default, as a terminal the user types in has.
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -131,7 +131,9 @@ def test_ctrl_c_then_the_advised_rerun_submits_no_duplicate(tmp_path):
     argv = [sys.executable, "run_all.py", "--launcher", "slurm", "--methods", "evit", "--ratios", "0.5",
             "--metrics", "flops", "--out", str(out), "--time", "10",
             "--slurm-setup", "sleep 20"]  # each job waits a while: the driver is interrupted meanwhile
-    driver = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # default SIGINT in the child even when this test runs in a background job that ignores it
+    driver = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "launch" / "jobs.json").exists() or len(index(out)) < 2:
         assert driver.poll() is None and time.time() < deadline, driver.communicate()
