@@ -22,6 +22,15 @@ def pairs(mapping: dict | None) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (mapping or {}).items()))
 
 
+def _method_revision(name: str) -> int:
+    import methods  # here, not at the top: parsing a command line builds specs and must not load torch
+
+    try:
+        return methods.get_method(name).revision
+    except methods.MethodError:  # an unknown name is refused where the spec is validated
+        return 0
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """Everything that determines one job. Two equal specs give the same key and the same record."""
@@ -66,8 +75,13 @@ class JobSpec:
 
     @property
     def key(self) -> str:
-        """Stable content hash with a kind-method-ratio prefix for humans."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable content hash with a kind-method-ratio prefix for humans. A method's non-zero
+        `revision` enters the hash, so records of an earlier revision of its algorithm are not reused."""
+        content = self.to_dict()
+        revision = _method_revision(self.method)
+        if revision:
+            content["method_revision"] = revision
+        canon = json.dumps(content, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha1(canon.encode()).hexdigest()[:12]
         return f"{self.kind}-{self.method}-{self.keep_ratio:g}-{digest}"
 

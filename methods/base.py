@@ -142,6 +142,9 @@ class Method:
     # Token counts that differ per image (ATS): `schedule()` is an upper bound, the per-image counts of a
     # traced forward are in `image_schedules()` (docs/methods.md#ats-counts-and-cost).
     adaptive: ClassVar[bool] = False
+    # Raised when the method's outputs change for the same configuration (a fixed algorithm): job keys
+    # include it when non-zero, so records made by an earlier revision are recomputed, not reused.
+    revision: ClassVar[int] = 0
 
     def __init__(self, geometry: Geometry, keep_ratio: float, layers: tuple[int, ...], options: dict):
         self.geometry = geometry

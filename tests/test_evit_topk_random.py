@@ -3,7 +3,6 @@
 docs/methods.md#evit-algorithm and docs/methods.md#reference-counts."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -30,8 +29,9 @@ def _cls_scores(block, tokens, kind):
     return attn.proj(mixed), cls_row
 
 
-def _reference_sample(model, image, layers, keep_ratio, fuse, score, ranking=None):
-    """Logits of one image and, per reduction layer, the original patches still held as themselves."""
+def _reference_sample(model, image, layers, keep_ratio, fuse, score, ranking=None, sample=0):
+    """Logits of one image (the `sample`-th of the stream) and, per reduction layer, the original
+    patches still held as themselves."""
     prefix = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
     origin = [-2] * prefix + list(range(x.shape[0] - prefix))
@@ -42,7 +42,7 @@ def _reference_sample(model, image, layers, keep_ratio, fuse, score, ranking=Non
         n_img = x.shape[0] - prefix
         left = math.ceil(keep_ratio * n_img)
         if i in layers and left < n_img:
-            score_of = ranking(i, n_img) if score == "random" else cls_row[prefix:].tolist()
+            score_of = ranking(sample, i, n_img) if score == "random" else cls_row[prefix:].tolist()
             order = sorted(range(n_img), key=lambda j: -score_of[j])
             keep, drop = order[:left], order[left:]
             rows = list(range(prefix)) + [prefix + j for j in keep]
@@ -57,13 +57,27 @@ def _reference_sample(model, image, layers, keep_ratio, fuse, score, ranking=Non
 
 
 def _reference(model, images, layers, keep_ratio, fuse=False, score="prob", ranking=None):
-    outs = [_reference_sample(model, im, layers, keep_ratio, fuse, score, ranking) for im in images]
+    outs = [_reference_sample(model, im, layers, keep_ratio, fuse, score, ranking, sample)
+            for sample, im in enumerate(images)]
     return torch.stack([o[0] for o in outs]), [o[1] for o in outs]
 
 
+def _lowbias32(h):
+    """docs/methods.md#random-keep-k-algorithm's 32-bit mixer, on Python integers."""
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def _documented_ranking(seed):
-    """methods/random.py's documented ranking: a permutation from numpy's SeedSequence (seed, layer)."""
-    return lambda layer, n: list(np.random.default_rng([seed, layer]).permutation(n))
+    """The documented eval ranking of the stream's `sample` at block `layer`: slot j's priority is
+    h(h(h(h(h(seed) ^ layer) ^ sample) ^ j))."""
+    def ranking(sample, layer, n):
+        per_sample = _lowbias32(_lowbias32(_lowbias32(seed) ^ layer) ^ sample)
+        return [_lowbias32(_lowbias32(per_sample ^ j)) for j in range(n)]
+    return ranking
 
 
 VARIANTS = {  # method, options -> reference arguments
@@ -154,6 +168,8 @@ def test_batch_independence(models, variant):
     patched = patched_copy(models["cls"], name, 0.5, **options)
     with torch.no_grad():
         whole = patched(images)
+        if name == "random":  # sample n of the eval stream: rank the same samples again
+            patched.token_reduction.restart_stream()
         alone = torch.cat([patched(images[i:i + 1]) for i in range(4)])
     assert (whole - alone).abs().max().item() < 1e-12
 
@@ -169,7 +185,57 @@ def test_random_is_reproducible_per_seed_and_differs_across_seeds(models):
         kept.setdefault(seed, []).append(patched.token_reduction.aux["kept"][3])
     assert torch.equal(kept[0][0], kept[0][1])
     assert not torch.equal(kept[0][0], kept[1][0])
-    assert torch.equal(kept[0][0][0], kept[0][0][1])  # one ranking for every sample
+
+
+def _random_kept(patched, images):
+    with torch.no_grad():
+        patched(images)
+    return patched.token_reduction.aux["kept"][3]
+
+
+def test_random_draws_per_sample_along_the_eval_stream(models):
+    """The same image twice in a batch gets two subsets; the stream goes on across batches and
+    restarts on demand, so sample n's subset does not depend on how the stream was batched."""
+    image = random_images(1, seed=7)
+    patched = patched_copy(models["cls"], "random", 0.5)
+    patched.token_reduction.state.trace = True
+    first = _random_kept(patched, image.expand(4, -1, -1, -1))
+    assert len({tuple(row.tolist()) for row in first}) == 4
+    later = _random_kept(patched, image.expand(4, -1, -1, -1))
+    assert not torch.equal(first, later)
+    patched.token_reduction.restart_stream()
+    assert torch.equal(torch.cat([_random_kept(patched, image.expand(n, -1, -1, -1)) for n in (1, 3)]), first)
+    # over 400 samples every patch is kept about left / n of the time (binomial sd about 10)
+    num_patches = patched.token_reduction.geometry.num_patches
+    expected = 400 * math.ceil(0.5 * num_patches) / num_patches
+    counts = torch.zeros(num_patches)
+    for row in _random_kept(patched, image.expand(400, -1, -1, -1))[:, 1:] - 1:
+        counts[row] += 1
+    assert expected - 50 < counts.min() and counts.max() < expected + 50
+
+
+def test_random_training_draws_from_torchs_rng(models):
+    patched = patched_copy(models["cls"], "random", 0.5)
+    patched.train()
+    images = random_images(2, seed=8)
+    draws = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        patched(images)
+        draws.append(patched.token_reduction.aux["kept"][3])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert int(patched.blocks[3].random_samples_seen) == 0  # training leaves the eval stream alone
+    assert "random_samples_seen" not in patched.state_dict()  # checkpoints stay the stock model's
+
+
+def test_a_method_revision_changes_the_job_key(monkeypatch):
+    from bench.spec import JobSpec
+    spec = JobSpec("acc", "m", method="topk", keep_ratio=0.5)
+    before = spec.key
+    monkeypatch.setattr(methods.get_method("topk"), "revision", 1)
+    assert spec.key != before and spec.key.startswith("acc-topk-0.5-")
+    monkeypatch.setattr(methods.get_method("topk"), "revision", 0)
+    assert spec.key == before
 
 
 def test_training_gathers_and_backpropagates_through_the_fused_token(models):

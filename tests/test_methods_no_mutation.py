@@ -19,7 +19,10 @@ def stock_models():
 
 
 def cloned_block_outputs(model, images):
-    """Each block's output, cloned before the next block runs (the ground truth)."""
+    """Each block's output, cloned before the next block runs (the ground truth). Random keep-K ranks
+    these images as the first of its eval stream again, as in the forward it is compared with."""
+    if hasattr(model.token_reduction, "restart_stream"):
+        model.token_reduction.restart_stream()
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     outputs = []
     for block in model.blocks:

@@ -51,9 +51,12 @@ def summary(run: str) -> pd.DataFrame:
     return pd.read_csv(ROOT / "results" / run / "summary.csv")
 
 
-def row_of(frame: pd.DataFrame, method: str, keep: float, regime: str = "off-the-shelf") -> pd.Series:
+def row_of(frame: pd.DataFrame, method: str, keep: float, regime: str = "off-the-shelf",
+           layers: str = "[]") -> pd.Series:
+    """The one row of `method` at `keep` in `regime`, default options, default layers unless `layers`."""
     rows = frame[(frame["method"] == method) & (frame["keep_ratio"].round(6) == keep)
-                 & (frame["options_key"] == "[]") & (frame["regime"].fillna("off-the-shelf") == regime)]
+                 & (frame["options_key"] == "[]") & (frame["regime"].fillna("off-the-shelf") == regime)
+                 & (frame["layers"] == layers)]
     assert len(rows) == 1, f"{method} {keep} {regime}: {len(rows)} rows"
     return rows.iloc[0]
 
@@ -185,16 +188,69 @@ def test_finetuned_paragraph_states_the_report():
     found = claim(r"rank worse than chance \(([0-9.]+) % at keep 0.7,\s+([0-9.]+) % at 0.5\)")
     assert [float(v) for v in found.groups()] == [round(row_of(report, "dynamicvit", k, "finetuned 2 ep")["top1"], 2)
                                                   for k in (0.7, 0.5)]
-    found = claim(r"reaches ([0-9.]+) and ([0-9.]+) %, still below random dropping finetuned the same way\s+"
-                  r"\(([0-9.]+) and ([0-9.]+) %\)")
-    stated = [float(v) for v in found.groups()]
-    assert stated[:2] == [round(row_of(report, "dynamicvit", k, short)["top1"], 2) for k in (0.7, 0.5)]
-    assert stated[2:] == [round(row_of(report, "random", k, "finetuned 2 ep")["top1"], 2) for k in (0.7, 0.5)]
-    for keep in (0.5, 0.7):  # "below": by more than both intervals, at both ratios, for both recipes
+    found = claim(r"reaches ([0-9.]+) and ([0-9.]+) %: level with random dropping finetuned the same way at keep 0.7\s+"
+                  r"\(([0-9.]+) %, McNemar mid-p ([0-9.]+)\) and below it at keep 0.5 \(([0-9.]+) %\)")
+    assert [float(found.group(i)) for i in (1, 2)] == [round(row_of(report, "dynamicvit", k, short)["top1"], 2)
+                                                       for k in (0.7, 0.5)]
+    assert [float(found.group(i)) for i in (3, 5)] == [round(row_of(report, "random", k, "finetuned 2 ep")["top1"], 2)
+                                                       for k in (0.7, 0.5)]
+    level = dynamicvit_against_random(pairs, 0.7, short, "finetuned 2 ep")
+    assert found.group(4) == f"{level['p_value']:.2g}" and level["p_value"] >= 0.05  # "level": not significant
+    for keep in (0.5, 0.7):  # the official recipe below random at both ratios, by more than both intervals
         random_low = row_of(report, "random", keep, "finetuned 2 ep")["top1_ci_low"]
-        for regime in ("finetuned 2 ep", short):
-            assert row_of(report, "dynamicvit", keep, regime)["top1_ci_high"] < random_low, (keep, regime)
-    assert len(report[report["method"] == "dynamicvit"]) == 6  # off the shelf and two recipes, at both ratios
+        assert row_of(report, "dynamicvit", keep, "finetuned 2 ep")["top1_ci_high"] < random_low, keep
+    assert row_of(report, "dynamicvit", 0.5, short)["top1_ci_high"] < \
+        row_of(report, "random", 0.5, "finetuned 2 ep")["top1_ci_low"]  # "below"
+    long = short.replace("2 ep", "6 ep")
+    found = claim(r"After 6 epochs DynamicViT beats random at\s+keep 0.7 \(([0-9.]+) against ([0-9.]+) %, mid-p "
+                  r"([0-9.]+)\) and still trails it at keep 0.5 \(([0-9.]+) against ([0-9.]+) %\)")
+    for keep, (dyn, rnd) in ((0.7, (1, 2)), (0.5, (4, 5))):
+        assert float(found.group(dyn)) == round(row_of(report, "dynamicvit", keep, long)["top1"], 2)
+        assert float(found.group(rnd)) == round(row_of(report, "random", keep, "finetuned 6 ep")["top1"], 2)
+    beats = dynamicvit_against_random(pairs, 0.7, long, "finetuned 6 ep")
+    assert found.group(3) == f"{beats['p_value']:.2g}" and beats["p_value"] < 0.05 and beats["delta_top1"] > 0
+    trails = dynamicvit_against_random(pairs, 0.5, long, "finetuned 6 ep")
+    assert trails["p_value"] < 0.05 and trails["delta_top1"] < 0
+    # off the shelf and three finetunes at both ratios, and 12 epochs at keep 0.5 (docs/methods.md)
+    assert len(report[report["method"] == "dynamicvit"]) == 9
+
+
+def test_dynamicvit_table_in_the_docs_is_the_committed_report():
+    """docs/methods.md#dynamicvit-on-the-embedded-model: every cell of its table is a row of results/finetuned."""
+    docs = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    section = docs.split("### DynamicViT on the embedded model", 1)[1].split("\n**", 1)[0]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+             for line in section.splitlines() if line.startswith("| ") and "%" in line}
+    short = "backbone_lr_scale=0.05, lr=0.01, ratio_weight=50"
+    rows = {  # the table's first column -> method, regime, layers
+        "official, 2 epochs (lr 1e-3, backbone × 0.01, ratio weight 2)": ("dynamicvit", "finetuned 2 ep", "[]"),
+        "short-budget, 2 epochs (lr 1e-2, backbone × 0.05, ratio weight 50)": ("dynamicvit", f"finetuned 2 ep, {short}", "[]"),
+        "short-budget, 6 epochs": ("dynamicvit", f"finetuned 6 ep, {short}", "[]"),
+        "short-budget, 12 epochs": ("dynamicvit", f"finetuned 12 ep, {short}", "[]"),
+        "`random`, finetuned with the common recipe, 2 epochs": ("random", "finetuned 2 ep", "[]"),
+        "`random`, 6 epochs": ("random", "finetuned 6 ep", "[]"),
+        "`random`, 12 epochs": ("random", "finetuned 12 ep", "[]"),
+        "`random` at DynamicViT's places (`--layers 2,5,8`), 2 epochs": ("random", "finetuned 2 ep", "[2, 5, 8]"),
+    }
+    assert set(cells) == set(rows)
+    report = summary("finetuned")
+    for label, (method, regime, layers) in rows.items():
+        for keep, cell in zip((0.7, 0.5), cells[label]):
+            if cell:
+                assert cell == f"{row_of(report, method, keep, regime, layers)['top1']:.2f} %", (label, keep)
+
+
+def dynamicvit_against_random(pairs: pd.DataFrame, keep: float, dynamicvit_regime: str,
+                              random_regime: str) -> dict:
+    """The McNemar row of DynamicViT against random (default layers) at `keep`, as DynamicViT minus random."""
+    dyn, rnd = f"dynamicvit [{dynamicvit_regime}]", f"random [{random_regime}]"
+    at = pairs[pairs["keep_ratio"].round(6) == keep]
+    forward, backward = at[(at["a"] == dyn) & (at["b"] == rnd)], at[(at["a"] == rnd) & (at["b"] == dyn)]
+    assert len(forward) + len(backward) == 1, (keep, dynamicvit_regime, random_regime)
+    if len(forward):
+        return dict(forward.iloc[0])
+    row = dict(backward.iloc[0])
+    return dict(row, delta_top1=-row["delta_top1"])
 
 
 # --- tolerances: each stated bound is the one a test asserts -------------------------------------

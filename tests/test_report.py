@@ -222,6 +222,22 @@ def test_flops_only_run_and_merging(tmp_path):
     assert len(merged) == 2
 
 
+def test_pairwise_tests_stay_within_one_training_budget(tmp_path):
+    """Two recipes of one budget are tested against each other (their labels say which); off the shelf
+    and finetuned never are, nor two budgets."""
+    run = tmp_path / "run"
+    acc(run, "random", 0.5, wrong=range(40))
+    acc(run, "random", 0.5, wrong=range(20), finetune=FINETUNED)
+    acc(run, "dynamicvit", 0.5, wrong=range(30), finetune=FINETUNED)
+    acc(run, "dynamicvit", 0.5, wrong=range(10), finetune=FINETUNED + (("lr", 0.01),))
+    acc(run, "dynamicvit", 0.5, wrong=range(5), finetune=(("epochs", 6),))
+    pairs = pd.read_csv(report.write_report(run, tmp_path / "out", figures=False, pictures=False)["pairwise"])
+    assert sorted(zip(pairs["a"], pairs["b"])) == sorted([
+        ("dynamicvit [finetuned 2 ep]", "dynamicvit [finetuned 2 ep, lr=0.01]"),
+        ("dynamicvit [finetuned 2 ep]", "random [finetuned 2 ep]"),
+        ("dynamicvit [finetuned 2 ep, lr=0.01]", "random [finetuned 2 ep]")])
+
+
 def test_empty_run_and_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     assert report.console_table(tmp_path / "empty") == "(no finished records)"

@@ -80,7 +80,11 @@ def write_report(run_dirs, out_dir=None, figures: bool = True, pictures: bool = 
     _csv_ready(tidy).to_csv(paths["records"], index=False)
     paths["table_md"].write_text(table.to_markdown(index=False, disable_numparse=True) + "\n")
     paths["table_tex"].write_text(to_latex(table, caption))
-    pairs = stats.pairwise_tests(summary, group_by=["model", "keep_ratio", "regime", *ACC_CONDITIONS],
+    # Paired tests within one training budget (off the shelf, or N epochs), whatever the recipe settings:
+    # the labels name the settings, so two recipes are compared in the open (docs/protocol.md#regimes).
+    budget = summary["finetune"].map(lambda settings: dict(settings).get("epochs", 0.0))
+    pairs = stats.pairwise_tests(summary.assign(finetune_epochs=budget),
+                                 group_by=["model", "keep_ratio", "finetune_epochs", *ACC_CONDITIONS],
                                  exclude_method=BASELINE)
     if len(pairs):
         paths["pairwise"] = out / "pairwise.csv"
