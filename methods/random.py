@@ -12,7 +12,7 @@ so it needs no CLS token. Every sample gets its own uniformly random subset at e
 
 Why per sample: one ranking shared by every image is a fixed set of positions, an input-independent
 spatial prior that a finetuned model learns to route information into; on centred, aligned images it
-beats every content-based method, which is not what a random control should measure
+beat every pruning method, which is not what a random control should measure
 (docs/methods.md#random-keep-k). The kept tokens are in the random order, as Top-K keeps them in score
 order.
 """
