@@ -22,6 +22,12 @@ def pairs(mapping: dict | None) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (mapping or {}).items()))
 
 
+def regime_of(finetune) -> str:
+    """'off-the-shelf' for no finetune settings, else 'finetuned N ep' (N the settings' epochs)."""
+    settings = dict(finetune or ())
+    return f"finetuned {float(settings.get('epochs', 0)):g} ep" if settings else OFF_THE_SHELF
+
+
 def _method_revision(name: str) -> int:
     import methods  # here, not at the top: parsing a command line builds specs and must not load torch
 
@@ -91,8 +97,7 @@ class JobSpec:
     @property
     def regime(self) -> str:
         """'off-the-shelf', or 'finetuned N ep' for a model finetuned with its method in place."""
-        epochs = dict(self.finetune).get("epochs")
-        return OFF_THE_SHELF if not self.finetune else f"finetuned {epochs:g} ep"
+        return regime_of(self.finetune)
 
     def with_kind(self, kind: str, **changes) -> "JobSpec":
         return replace(self, kind=kind, **changes)

@@ -14,7 +14,7 @@ from typing import Any
 
 import methods
 
-from ..spec import OFF_THE_SHELF, pairs
+from ..spec import pairs, regime_of
 
 EMBEDDED_TRAIN = "fashion-mnist-train"  # the shipped 20k-image training subset of the embedded default
 
@@ -73,10 +73,9 @@ def regime_label(method: str, finetune) -> str:
     """How reports name a model's training: 'off-the-shelf', 'finetuned N ep', and after it every
     setting that differs from the method's defaults (e.g. 'finetuned 2 ep, lr=0.01'), so two recipes of
     one method never share a row label, and a recipe run with changed settings says so."""
-    settings = dict(finetune or ())
+    settings, label = dict(finetune or ()), regime_of(finetune)
     if not settings:
-        return OFF_THE_SHELF
-    label = f"finetuned {float(settings.get('epochs', 0)):g} ep"
+        return label
     try:
         reference = defaults(method)
     except methods.MethodError:  # a record of a method this checkout no longer has: no defaults to compare
